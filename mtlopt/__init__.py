@@ -1,0 +1,49 @@
+"""mtlopt: multi-task optimization methods as optax gradient transformations."""
+
+from mtlopt._src.grad import task_value_and_grad as task_value_and_grad
+from mtlopt._src.inspect import task_weights as task_weights
+from mtlopt._src.methods.balancing import DBMTLState as DBMTLState
+from mtlopt._src.methods.balancing import LogTransformState as LogTransformState
+from mtlopt._src.methods.balancing import db_mtl as db_mtl
+from mtlopt._src.methods.balancing import log_transform as log_transform
+from mtlopt._src.methods.min_norm import CAGradState as CAGradState
+from mtlopt._src.methods.min_norm import MGDAState as MGDAState
+from mtlopt._src.methods.min_norm import cagrad as cagrad
+from mtlopt._src.methods.min_norm import cagrad_fast_groups as cagrad_fast_groups
+from mtlopt._src.methods.min_norm import cagrad_fast_weights as cagrad_fast_weights
+from mtlopt._src.methods.min_norm import mgda as mgda
+from mtlopt._src.methods.projection import PCGradState as PCGradState
+from mtlopt._src.methods.projection import pcgrad as pcgrad
+from mtlopt._src.methods.scalarization import LinearState as LinearState
+from mtlopt._src.methods.scalarization import MeanState as MeanState
+from mtlopt._src.methods.scalarization import linear as linear
+from mtlopt._src.methods.scalarization import mean as mean
+from mtlopt._src.solvers import SolverInfo as SolverInfo
+from mtlopt._src.tree import combine as combine
+from mtlopt._src.tree import gramian as gramian
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAGradState",
+    "DBMTLState",
+    "LinearState",
+    "LogTransformState",
+    "MGDAState",
+    "MeanState",
+    "PCGradState",
+    "SolverInfo",
+    "cagrad",
+    "cagrad_fast_groups",
+    "cagrad_fast_weights",
+    "combine",
+    "db_mtl",
+    "gramian",
+    "linear",
+    "log_transform",
+    "mean",
+    "mgda",
+    "pcgrad",
+    "task_value_and_grad",
+    "task_weights",
+]

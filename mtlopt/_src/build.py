@@ -1,0 +1,192 @@
+"""The one init/update skeleton that every aggregator shares.
+
+A method supplies a :class:`Method`: the extra state it keeps, and a pure function from a
+:class:`Context` (the small Gramian, the losses, the task mask, the current state) to the
+``(T,)`` weights. The skeleton does everything else once, for all methods:
+
+* trace-time checks (number of tasks, ``task_losses``, ``task_mask``);
+* task-specific leaves (``task_specific=``): kept out of the Gramian and the solve, each
+  follows its own task's gradient;
+* pass 1 over the task grads (Gramian or squared norms), with a pre-scaled fallback when the
+  float32 Gramian overflows or underflows;
+* pass 2, the combination ``sum_t w_t g_t``;
+* the non-finite policy (``nonfinite=``): by default a step whose weights or update are not
+  finite returns zeros and leaves the state as it was, counting the step in ``skipped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mtlopt._src import checks, tree
+
+# Take the pre-scaled path when the Gramian's largest diagonal entry is not finite (overflow) or
+# below this (underflow to zero or to subnormals that the CPU flushes).
+_TINY_GRAM = 1e-30
+
+NONFINITE = ("skip", "propagate")
+
+
+class Context(NamedTuple):
+    """What a method's weighting function sees (all small arrays)."""
+
+    T: int  # static number of tasks
+    gram: jax.Array | None  # (T, T) or (T,) float32; the true one is gram * gram_scale**2
+    gram_scale: jax.Array  # float32 scalar, 1 unless pass 1 had to pre-scale the grads
+    losses: jax.Array | None  # (T,) float32
+    mask: jax.Array  # (T,) bool, True for the tasks that take part
+    state: Any  # the method's state before this step
+
+
+class Method(NamedTuple):
+    """What a method adds to the skeleton.
+
+    Attributes:
+      name: the public name, used in every error message.
+      state_cls: a NamedTuple with fields ``count``, ``skipped``, ``weights`` and the extras.
+      weights_fn: ``(Context) -> (weights, extras)``; weights ``(T,)`` float32 applied to the
+        (prepared) task grads; extras a dict of updated state fields.
+      init_extra: ``(num_tasks, shared_params) -> dict`` of extra state fields (arrays or
+        None); ``shared_params`` is the list of params leaves that are not task-specific.
+      gram: ``"full"`` (the Gramian), ``"diag"`` (squared norms only) or ``None``.
+      needs_losses: whether ``task_losses`` is required.
+      prepare: optional task -> task step before pass 1 (DB-MTL's log and EMA):
+        ``(task_grads, Context) -> (prepared task grads, extras)``.
+      head_scales: optional ``(losses) -> (T,)`` per-task scale of task-specific leaves.
+    """
+
+    name: str
+    state_cls: type
+    weights_fn: Callable[[Context], tuple[jax.Array, dict]]
+    init_extra: Callable[[int | None, list], dict] = lambda T, shared: {}
+    gram: str | None = "full"
+    needs_losses: bool = False
+    prepare: Callable[[Any, Context], tuple[Any, dict]] | None = None
+    head_scales: Callable[[jax.Array | None], jax.Array] | None = None
+
+
+def _split(name: str, task_specific: Any, task_grads: Any):
+    """Static partition of the leaves into shared and task-specific ones."""
+    leaves, treedef = jax.tree.flatten(task_grads)
+    if task_specific is None:
+        return leaves, [], [False] * len(leaves), treedef
+    spec = task_specific(task_grads) if callable(task_specific) else task_specific
+    try:
+        flags = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError) as e:
+        raise checks.fail(
+            name,
+            "task_specific must be a pytree of bools with the structure of the params (or a "
+            f"callable returning one); its structure does not match the task grads: {e}",
+        ) from None
+    flags = [bool(f) for f in flags]
+    shared = [x for x, f in zip(leaves, flags, strict=True) if not f]
+    heads = [x for x, f in zip(leaves, flags, strict=True) if f]
+    return shared, heads, flags, treedef
+
+
+def _merge(treedef, flags, shared, heads):
+    shared, heads = iter(shared), iter(heads)
+    return treedef.unflatten([next(heads) if f else next(shared) for f in flags])
+
+
+def _pass_one(kind: str, grads: list, T: int) -> tuple[jax.Array, jax.Array]:
+    """Pass 1 (Gramian or squared norms) and its scale ``s``: the true one is ``gram * s**2``.
+
+    The fast path (``s = 1``) is taken unless the float32 result over- or underflows; then the
+    grads are divided by a power of two near their largest entry first (one more pass).
+    """
+    fn = tree.gramian if kind == "full" else tree.sq_norms
+    one = jnp.float32(1.0)
+    if not grads:
+        return jnp.zeros((T, T) if kind == "full" else (T,), jnp.float32), one
+    gram = fn(grads)
+    diag = jnp.diagonal(gram) if kind == "full" else gram
+    top = jnp.max(diag)
+
+    def rescaled(_):
+        # A power of two, so the scaling is exact; a NaN or inf input stays non-finite.
+        big = tree.max_abs(grads)
+        scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big > 0, big, 1.0))))
+        ok = jnp.isfinite(scale)
+        inv = jnp.where(ok, 1.0 / jnp.where(ok, scale, 1.0), jnp.nan)
+        return fn([(x.astype(jnp.float32) * inv) for x in grads]), jnp.where(ok, scale, one)
+
+    fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
+    return lax.cond(fast, lambda _: (gram, one), rescaled, None)
+
+
+def aggregator(
+    method: Method,
+    *,
+    num_tasks: int | None,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    """Builds the optax transformation of ``method`` (see the module docstring)."""
+    name = method.name
+    num_tasks = checks.positive_int(name, "num_tasks", num_tasks)
+    checks.choice(name, "nonfinite", nonfinite, NONFINITE)
+
+    def init_fn(params):
+        shared_params, _, _, _ = _split(name, task_specific, params)
+        weights = None if num_tasks is None else jnp.zeros((num_tasks,), jnp.float32)
+        return method.state_cls(
+            count=jnp.zeros((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+            weights=weights,
+            **method.init_extra(num_tasks, shared_params),
+        )
+
+    def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
+        del params, extra
+        T = checks.num_tasks(name, task_grads, expected=num_tasks)
+        losses = checks.task_vector(
+            name, "task_losses", task_losses, T, required=method.needs_losses
+        )
+        given_mask = checks.task_mask(name, task_mask, T)
+        mask = jnp.ones((T,), bool) if given_mask is None else given_mask
+        shared, heads, flags, treedef = _split(name, task_specific, task_grads)
+        if given_mask is not None:  # rows of absent tasks may hold NaN: keep them out of sums
+            shared = tree.select_tasks(mask, shared)
+            heads = tree.select_tasks(mask, heads)
+        ctx = Context(T, None, jnp.float32(1.0), losses, mask, state)
+
+        extras: dict = {}
+        if method.prepare is not None:
+            shared, extras = method.prepare(shared, ctx)
+        if method.gram is not None:
+            gram, scale = _pass_one(method.gram, shared, T)
+            ctx = ctx._replace(gram=gram, gram_scale=scale)
+        w, more = method.weights_fn(ctx)
+        extras.update(more)
+        w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(jnp.float32))
+
+        out_shared = tree.combine(w, shared) if shared else []
+        out_heads = []
+        if heads:
+            scales = jnp.ones((T,), jnp.float32)
+            if method.head_scales is not None:
+                scales = method.head_scales(losses)
+            out_heads = tree.combine(lax.stop_gradient(jnp.where(mask, scales, 0.0)), heads)
+        updates = _merge(treedef, flags, out_shared, out_heads)
+
+        any_task = jnp.any(mask)
+        new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
+        if state.weights is not None:
+            new_state = new_state._replace(weights=w)
+        if nonfinite == "propagate":
+            return updates, new_state
+        ok = jnp.all(jnp.isfinite(w)) & tree.all_finite(updates)
+        updates = tree.where_tree(ok, updates, jax.tree.map(jnp.zeros_like, updates))
+        new_state = tree.where_tree(ok, new_state, state)
+        new_state = new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

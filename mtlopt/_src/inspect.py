@@ -1,0 +1,44 @@
+"""``task_weights``: the weights of the most recent update, found anywhere in a state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def task_weights(opt_state: Any) -> jax.Array | None:
+    """The ``(T,)`` weights the aggregator applied in its most recent update.
+
+    Searches ``opt_state`` (a chain, a wrapper, any nesting of tuples, lists and dicts)
+    breadth-first for a state with a ``weights`` field, so a wrapper's own weights win over
+    those of a method inside it. Returns ``None`` when the method keeps no weights (it was
+    built without ``num_tasks``, or has none).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, mtlopt
+      >>> tx = optax.chain(mtlopt.mean(num_tasks=2), optax.sgd(0.1))
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> _, state = tx.update({"w": jnp.ones((2, 2))}, state)
+      >>> mtlopt.task_weights(state)
+      Array([0.5, 0.5], dtype=float32)
+    """
+    level = [opt_state]
+    while level:
+        for node in level:
+            if _is_state(node) and "weights" in node._fields:
+                return node.weights
+        nxt = []
+        for node in level:
+            if isinstance(node, dict):
+                nxt.extend(node.values())
+            elif isinstance(node, (tuple, list)):
+                nxt.extend(node)
+            elif hasattr(node, "inner_state"):
+                nxt.append(node.inner_state)
+        level = nxt
+    return None

@@ -1,0 +1,334 @@
+"""Methods that solve a small problem on the simplex: MGDA and CAGrad (and CAGrad-Fast)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtlopt._src import build, checks, solvers
+from mtlopt._src.solvers import SolverInfo
+
+
+class MGDAState(NamedTuple):
+    """State of :func:`mgda`. ``dual`` is the last min-norm weights (the warm start)."""
+
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+    dual: jax.Array | None
+    solver: SolverInfo | None
+
+
+class CAGradState(NamedTuple):
+    """State of :func:`cagrad`. ``dual`` is the last dual solution w* (the warm start)."""
+
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+    dual: jax.Array | None
+    solver: SolverInfo | None
+
+
+def _solver_state(T: int | None) -> dict:
+    if T is None:
+        return {"dual": None, "solver": None}
+    info = SolverInfo(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.array(True))
+    return {"dual": jnp.full((T,), 1.0 / T, jnp.float32), "solver": info}
+
+
+def _warm_start(ctx: build.Context) -> jax.Array:
+    cold = solvers.uniform(ctx.mask)
+    if ctx.state.dual is None:
+        return cold
+    # After a skipped or all-masked step the stored dual may be all zero: start cold then.
+    return jnp.where(jnp.sum(ctx.state.dual * ctx.mask) > 0, ctx.state.dual, cold)
+
+
+def _solver_extras(ctx: build.Context, w: jax.Array, info: SolverInfo) -> dict:
+    if ctx.state.dual is None:
+        return {}
+    return {"dual": w, "solver": info}
+
+
+def _check_solver_args(name: str, tol: float, max_iters: int) -> None:
+    checks.positive_int(name, "max_iters", max_iters)
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+        raise checks.fail(name, f"tol must be a positive finite number; got {tol!r}.")
+
+
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def mgda(
+    normalization: str = "none",
+    *,
+    num_tasks: int | None = None,
+    eps: float = 1e-8,
+    tol: float = 1e-6,
+    max_iters: int = 500,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    r"""MGDA: the min-norm point of the convex hull of the (normalised) task gradients.
+
+    Task → params. Scale: a convex combination (like the mean when all tasks agree).
+
+    .. math::
+       w^\star = \arg\min_{w \in \Delta_T} \Big\|\sum_t w_t \frac{g_t}{n_t}\Big\|^2, \qquad
+       d = \sum_t \frac{w^\star_t}{n_t} g_t
+
+    The update is zero exactly when the point is Pareto-stationary (0 in the hull); otherwise
+    it decreases every task's loss to first order (``<g_t, d> >= ||d||^2 > 0``).
+
+    Args:
+      normalization: how each gradient is divided before the solve: ``"none"`` (n_t = 1),
+        ``"l2"`` (its norm), ``"loss"`` (its loss), ``"loss+"`` (loss times norm). The loss
+        variants need ``task_losses``; ``task_weights`` returns ``w_t / n_t``, the weights on
+        the raw gradients.
+      num_tasks: optional; given, the state keeps the weights, the warm start and the solver's
+        report (``solver.num_steps``, ``solver.gap``, ``solver.converged``).
+      eps: a norm or loss below ``eps`` counts as ``eps`` in ``n_t`` (no division by zero).
+      tol: the solver stops when its Frank-Wolfe gap, an upper bound on the excess squared
+        norm, is at most ``tol * trace(G) / T``.
+      max_iters: the solver's iteration cap.
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
+      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+
+    Cost:
+      Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
+      solve on the ``(T, T)`` Gramian, warm-started; O(T) state with ``num_tasks``.
+
+    Deviations:
+      Sener & Koltun solve with Frank-Wolfe; we use accelerated projected gradient with a
+      duality-gap stop (same problem, judged by objective value in the tests). LibMTL's
+      ``"loss+"`` multiplies the loss by the norm as here.
+
+    Examples:
+      >>> import jax.numpy as jnp, mtlopt
+      >>> tx = mtlopt.mgda()
+      >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+      >>> updates, _ = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> updates["w"].round(4)
+      Array([0.5, 0.5], dtype=float32)
+
+    References:
+      Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+      <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
+    """
+    name = "mgda"
+    checks.choice(name, "normalization", normalization, _NORMALIZATIONS)
+    _check_solver_args(name, tol, max_iters)
+    eps = checks.nonnegative(name, "eps", eps)
+
+    def weights_fn(ctx: build.Context):
+        G = ctx.gram
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0)) * ctx.gram_scale
+        if normalization == "none":
+            n = jnp.ones((ctx.T,), jnp.float32)
+        elif normalization == "l2":
+            n = norms
+        elif normalization == "loss":
+            n = ctx.losses
+        else:
+            n = ctx.losses * norms
+        n = jnp.maximum(n, eps)  # a NaN loss stays NaN: the step is then skipped
+        n = jnp.where(n > 0, n, 1.0)  # eps == 0 and a zero norm: leave that gradient as it is
+        # Divide the Gramian by n n^T in two steps so huge n cannot overflow the product.
+        Gd = (G / n[:, None]) / n[None, :]
+        Gn, _ = solvers.normalize(Gd, ctx.mask)
+        w, info = solvers.min_norm(Gn, _warm_start(ctx), ctx.mask, tol=tol, max_iters=max_iters)
+        return w / n, _solver_extras(ctx, w, info)
+
+    method = build.Method(
+        name,
+        MGDAState,
+        weights_fn,
+        init_extra=lambda T, shared: _solver_state(T),
+        needs_losses=normalization in ("loss", "loss+"),
+    )
+    return build.aggregator(
+        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+    )
+
+
+# Below this squared norm of g_w* (relative to trace(G) / T) the direction of g_w* is float32
+# noise: the Gramian's entries carry relative errors near 1e-7, so ||g_w||^2 does too, and
+# ||g_w|| is only meaningful above ~1e-3 of the typical task-gradient norm.
+_STATIONARY = 1e-6
+
+
+def cagrad(
+    c: float = 0.4,
+    rescale: int = 1,
+    *,
+    num_tasks: int | None = None,
+    g0_weights: Sequence[float] | None = None,
+    tol: float = 1e-6,
+    max_iters: int = 500,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    r"""CAGrad: descend the mean loss while keeping the worst task's improvement up.
+
+    Task → params. Scale: averages (``rescale=0`` gives ``g0`` plus a term of norm
+    ``c ||g0||``; 1 and 2 divide by ``1 + c**2`` and ``1 + c``). Weights are constants with
+    respect to the gradients (``stop_gradient``).
+
+    .. math::
+       w^\star = \arg\min_{w \in \Delta_T} w^\top G b + c\|g_0\|\sqrt{w^\top G w}, \quad
+       d = g_0 + \frac{c\|g_0\|}{\|g_{w^\star}\|}\, g_{w^\star}, \quad g_0 = \sum_t b_t g_t
+
+    with ``b = 1/T`` (the mean) unless ``g0_weights`` is given (CAGrad-Fast, see
+    :func:`mtlopt.cagrad_fast_weights`). This is the dual of ``max_d min_t <g_t, d>`` subject
+    to ``||d - g0|| <= c ||g0||``.
+
+    Args:
+      c: the ball's radius relative to ``||g0||``, ``c >= 0``. 0 is gradient descent on the
+        mean; large c approaches MGDA. The paper's convergence guarantee needs ``c < 1``.
+      rescale: 0 returns ``d``; 1 returns ``d / (1 + c**2)``; 2 returns ``d / (1 + c)``.
+      num_tasks: optional; given, the state keeps the weights, the dual w* (warm start of the
+        next solve) and the solver's report (``solver.num_steps``, ``gap``, ``converged``).
+      g0_weights: ``(T,)`` weights that make ``g0`` from the given gradients; default ``1/T``.
+      tol: the solver stops when its Frank-Wolfe gap (an upper bound on ``F(w) - F*``) is at
+        most ``tol * trace(G) / T``.
+      max_iters: the solver's iteration cap.
+      task_specific: which leaves are task-specific (per-task heads): a pytree of bools shaped
+        like the params, or a callable mapping such a tree to one. Those leaves stay out of the
+        Gramian and the solve; each follows its own task's gradient (``sum_t`` of its rows).
+        Every method takes this argument.
+      nonfinite: ``"skip"`` (default): a step whose weights or update are not finite (NaN or
+        inf in the task grads or losses) returns a zero update and leaves the state as it
+        was, counting the step in ``state.skipped``. ``"propagate"``: no check. Every method
+        takes this argument.
+
+    Cost:
+      Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
+      solve on the ``(T, T)`` Gramian (warm-started with ``num_tasks``); O(T) state.
+
+    Deviations:
+      ``rescale`` comes from the authors' code, not the paper (whose update is ``rescale=0``).
+      When ``||g_w*||^2 <= 1e-6 * trace(G) / T`` (0 is nearly in the hull: Pareto-stationary)
+      the direction of ``g_w*`` is float32 noise, and we return the (rescaled) ``g0`` instead
+      of NaN: a convention, not the primal optimum. The authors' code solves the dual with
+      scipy's SLSQP on the host; LibMTL calls ``c`` ``calpha``.
+
+    Examples:
+      >>> import jax.numpy as jnp, mtlopt
+      >>> tx = mtlopt.cagrad(c=0.5, rescale=0)
+      >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+      >>> updates, _ = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> updates["w"].round(4)
+      Array([0.75, 0.75], dtype=float32)
+
+    References:
+      Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
+      <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021.
+    """
+    name = "cagrad"
+    c = checks.nonnegative(name, "c", c)
+    checks.choice(name, "rescale", rescale, (0, 1, 2))
+    _check_solver_args(name, tol, max_iters)
+    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    b_given = None
+    if g0_weights is not None:
+        b_given = np.asarray(g0_weights, np.float32)
+        if b_given.ndim != 1 or not np.all(np.isfinite(b_given)) or np.any(b_given < 0):
+            raise checks.fail(
+                name,
+                f"g0_weights must be a 1-D sequence of finite weights >= 0; got {g0_weights!r}.",
+            )
+        if num_tasks is not None and num_tasks != b_given.size:
+            raise checks.fail(
+                name, f"num_tasks={num_tasks} but g0_weights has {b_given.size} entries."
+            )
+        num_tasks = b_given.size
+
+    def weights_fn(ctx: build.Context):
+        mask = ctx.mask
+        if b_given is None:
+            b = solvers.uniform(mask)
+        else:  # keep the total weight when some tasks are masked out
+            full = jnp.asarray(b_given)
+            kept = jnp.where(mask, full, 0.0)
+            total = jnp.sum(kept)
+            b = jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
+        if c == 0.0:
+            return b / divisor, {}
+        Gn, _ = solvers.normalize(ctx.gram, mask)
+        rho = c * jnp.sqrt(jnp.maximum(solvers.quad(Gn, b), 0.0))
+        w, info = solvers.cagrad_dual(
+            Gn, b, rho, _warm_start(ctx), mask, tol=tol, max_iters=max_iters
+        )
+        gw2 = solvers.quad(Gn, w)
+        far = gw2 > _STATIONARY
+        coef = jnp.where(far, rho / jnp.sqrt(jnp.where(far, gw2, 1.0)), 0.0)
+        return (b + coef * w) / divisor, _solver_extras(ctx, w, info)
+
+    method = build.Method(
+        name, CAGradState, weights_fn, init_extra=lambda T, shared: _solver_state(T)
+    )
+    return build.aggregator(
+        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+    )
+
+
+def cagrad_fast_groups(key: jax.Array, num_tasks: int, n: int) -> jax.Array:
+    r"""CAGrad-Fast's random grouping of T tasks into ``n`` groups, as an ``(n, T)`` matrix.
+
+    Each step, the tasks are shuffled; the first ``n - 1`` stay alone, the remaining
+    ``T - n + 1`` are merged into one averaged loss. Every task lands in exactly one group.
+    Apply it to the loss vector *before* differentiating, so only ``n`` backward passes run:
+    ``grouped = M @ losses``; then hand :func:`mtlopt.cagrad` the matching
+    ``g0_weights=cagrad_fast_weights(T, n)``.
+
+    Args:
+      key: a PRNG key (split it every step).
+      num_tasks: T.
+      n: the number of groups, ``1 <= n <= T``.
+
+    Returns:
+      ``M``, ``(n, T)`` float32: row ``i < n-1`` is one-hot on a task, the last row averages
+      the merged tasks (``1 / (T - n + 1)`` on each).
+
+    Examples:
+      >>> import jax, mtlopt
+      >>> M = mtlopt.cagrad_fast_groups(jax.random.key(0), 4, 2)
+      >>> (M > 0).sum(axis=0)  # every task in exactly one group
+      Array([1, 1, 1, 1], dtype=int32)
+
+    References:
+      Liu et al. 2021, Sec. 3 (the reference code's ``cagrad_fast{n}``).
+    """
+    T = checks.positive_int("cagrad_fast_groups", "num_tasks", num_tasks)
+    n = checks.positive_int("cagrad_fast_groups", "n", n)
+    if n > T:
+        raise checks.fail("cagrad_fast_groups", f"n must be at most num_tasks={T}; got n={n}.")
+    order = jax.random.permutation(key, T)
+    group_of_position = jnp.minimum(jnp.arange(T), n - 1)  # positions >= n-1 share the last group
+    group = jnp.zeros((T,), jnp.int32).at[order].set(group_of_position)
+    sizes = np.array([1.0] * (n - 1) + [T - n + 1.0], np.float32)
+    onehot = jax.nn.one_hot(group, n, dtype=jnp.float32).T  # (n, T)
+    return onehot / sizes[:, None]
+
+
+def cagrad_fast_weights(num_tasks: int, n: int) -> np.ndarray:
+    """The ``g0_weights`` that CAGrad-Fast's grouping implies: ``(1/T, ..., 1/T, (T-n+1)/T)``.
+
+    With ``M = cagrad_fast_groups(key, T, n)``, ``sum_i b_i grad(M @ losses)_i`` is the gradient
+    of the mean loss, so ``cagrad(g0_weights=b)`` keeps the true ``g0``.
+
+    Examples:
+      >>> import mtlopt
+      >>> mtlopt.cagrad_fast_weights(5, 3)
+      array([0.2, 0.2, 0.6], dtype=float32)
+    """
+    T = checks.positive_int("cagrad_fast_weights", "num_tasks", num_tasks)
+    n = checks.positive_int("cagrad_fast_weights", "n", n)
+    if n > T:
+        raise checks.fail("cagrad_fast_weights", f"n must be at most num_tasks={T}; got n={n}.")
+    return np.array([1.0] * (n - 1) + [T - n + 1.0], np.float32) / T

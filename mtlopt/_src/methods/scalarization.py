@@ -1,0 +1,111 @@
+"""Fixed scalarizations: the mean of the task gradients and a fixed weighted sum."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtlopt._src import build, checks, solvers
+
+
+class MeanState(NamedTuple):
+    """State of :func:`mean`."""
+
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+
+
+class LinearState(NamedTuple):
+    """State of :func:`linear`."""
+
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+
+
+def mean(
+    *, num_tasks: int | None = None, task_specific: Any = None, nonfinite: str = "skip"
+) -> optax.GradientTransformationExtraArgs:
+    r"""Equal weighting: the update is the mean of the task gradients.
+
+    Task → params. Scale: averages (``1/T``), the gradient of the mean loss.
+
+    .. math:: d = \tfrac1T \sum_t g_t
+
+    Args:
+      num_tasks: optional; given, the state keeps the weights (``task_weights``).
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
+      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+
+    Cost:
+      One pass over the task grads (``w @ J`` per leaf); no Gramian, no solver.
+
+    Examples:
+      >>> import jax.numpy as jnp, mtlopt
+      >>> tx = mtlopt.mean()
+      >>> grads = {"w": jnp.array([[1.0, 2.0], [3.0, 0.0]])}
+      >>> updates, _ = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> updates
+      {'w': Array([2., 1.], dtype=float32)}
+    """
+
+    def weights_fn(ctx):
+        return solvers.uniform(ctx.mask), {}
+
+    method = build.Method("mean", MeanState, weights_fn, gram=None)
+    return build.aggregator(
+        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+    )
+
+
+def linear(
+    weights: Sequence[float] | jax.Array,
+    *,
+    num_tasks: int | None = None,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Fixed linear scalarization: the update is ``sum_t weights[t] * g_t``.
+
+    Task → params. Scale: as given (weights summing to 1 average, ones sum).
+
+    .. math:: d = \sum_t w_t g_t
+
+    Args:
+      weights: ``(T,)`` fixed weights, one per task (any real numbers).
+      num_tasks: optional; must equal ``len(weights)`` if given.
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
+      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+
+    Cost:
+      One pass over the task grads; no Gramian, no solver.
+
+    Examples:
+      >>> import jax.numpy as jnp, mtlopt
+      >>> tx = mtlopt.linear([1.0, 0.5])
+      >>> grads = {"w": jnp.array([[1.0, 2.0], [4.0, 0.0]])}
+      >>> updates, _ = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> updates
+      {'w': Array([3., 2.], dtype=float32)}
+    """
+    w = np.asarray(weights, np.float32)
+    if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)):
+        raise checks.fail(
+            "linear", f"weights must be a non-empty finite 1-D sequence; got {weights!r}."
+        )
+    if num_tasks is not None and num_tasks != w.size:
+        raise checks.fail("linear", f"num_tasks={num_tasks} but {w.size} weights were given.")
+
+    def weights_fn(ctx):
+        return jnp.asarray(w), {}
+
+    method = build.Method("linear", LinearState, weights_fn, gram=None)
+    return build.aggregator(
+        method, num_tasks=w.size, task_specific=task_specific, nonfinite=nonfinite
+    )
