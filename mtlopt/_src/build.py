@@ -164,6 +164,13 @@ def aggregator(
         if method.gram is not None:
             gram, scale = _pass_one(method.gram, shared, T)
             ctx = ctx._replace(gram=gram, gram_scale=scale)
+        # The weights are constants of the update: nothing upstream of them is differentiated
+        # (a solver loop could not be reverse-differentiated anyway).
+        ctx = ctx._replace(
+            gram=lax.stop_gradient(ctx.gram),
+            gram_scale=lax.stop_gradient(ctx.gram_scale),
+            losses=lax.stop_gradient(ctx.losses),
+        )
         w, more = method.weights_fn(ctx)
         extras.update(more)
         w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(jnp.float32))

@@ -166,8 +166,8 @@ def db_mtl(
         def leaf(g, old):
             rows = (-1,) + (1,) * (g.ndim - 1)
             g = g.astype(jnp.float32) * scales.reshape(rows)
-            new = g + beta_k * (old.astype(jnp.float32) - g)
-            return jnp.where(keep.reshape(rows), new, old).astype(old.dtype)
+            new = (g + beta_k * (old.astype(jnp.float32) - g)).astype(old.dtype)
+            return jnp.where(keep.reshape(rows), new, old)
 
         ema = [leaf(g, old) for g, old in zip(shared, ctx.state.ema_grads, strict=True)]
         return ema, {"ema_grads": ema}

@@ -46,7 +46,7 @@ def _warm_start(ctx: build.Context) -> jax.Array:
     if ctx.state.dual is None:
         return cold
     # After a skipped or all-masked step the stored dual may be all zero: start cold then.
-    return jnp.where(jnp.sum(ctx.state.dual * ctx.mask) > 0, ctx.state.dual, cold)
+    return jnp.where(jnp.sum(jnp.where(ctx.mask, ctx.state.dual, 0.0)) > 0, ctx.state.dual, cold)
 
 
 def _solver_extras(ctx: build.Context, w: jax.Array, info: SolverInfo) -> dict:
@@ -138,8 +138,10 @@ def mgda(
             n = ctx.losses * norms
         n = jnp.maximum(n, eps)  # a NaN loss stays NaN: the step is then skipped
         n = jnp.where(n > 0, n, 1.0)  # eps == 0 and a zero norm: leave that gradient as it is
-        # Divide the Gramian by n n^T in two steps so huge n cannot overflow the product.
-        Gd = (G / n[:, None]) / n[None, :]
+        # The solve only needs G / (n n^T) up to a positive factor: divide by n in the Gramian's
+        # own (possibly pre-scaled) units, so huge or tiny norms cannot over- or underflow.
+        m = n / ctx.gram_scale if normalization in ("l2", "loss+") else n
+        Gd = (G / m[:, None]) / m[None, :]
         Gn, _ = solvers.normalize(Gd, ctx.mask)
         w, info = solvers.min_norm(Gn, _warm_start(ctx), ctx.mask, tol=tol, max_iters=max_iters)
         return w / n, _solver_extras(ctx, w, info)

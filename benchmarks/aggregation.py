@@ -1,0 +1,540 @@
+"""Per-call time of every mtlopt aggregator, next to numpy's floor and TorchJD's aggregators.
+
+Every method is timed as ``jax.jit(tx.update, donate_argnums=1)`` on one float32 ``(T, P)``
+task-grads array, the returned state fed back each call (so CAGrad's and MGDA's warm start and
+DB-MTL's EMA run as in training), with ``block_until_ready``; the median of the timed calls
+after a warm-up is reported. All functions of one table are timed round-robin (one call of each
+per round), so a load spike from another process hits them all alike and the ratios hold.
+
+    python benchmarks/aggregation.py            # T=10, P=1e6: the table and the targets
+    python benchmarks/aggregation.py --quick    # T=10, P=1e5, few repeats (CI, seconds)
+    python benchmarks/aggregation.py --sweep    # T x P sweep -> benchmarks/results/
+
+See benchmarks/README.md for the columns, the targets and how to get a fair numpy floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # run from a checkout without `pip install -e .`
+    import mtlopt
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import mtlopt
+
+import jax
+import jax.numpy as jnp
+
+W = 26  # width of the table's first column
+RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP_METHODS = ("mean", "cagrad", "mgda", "db_mtl", "pcgrad")
+SWEEP_T = (2, 10, 40)
+SWEEP_P = (100_000, 1_000_000, 10_000_000)
+
+# The issue's targets, as (reference, factor): time(method) <= factor * time(reference).
+GRAM_TARGET = ("gramian+mean", 1.3)
+TARGETS = {
+    "cagrad": GRAM_TARGET,
+    "cagrad_warm": GRAM_TARGET,
+    "mgda": GRAM_TARGET,
+    "mgda_warm": GRAM_TARGET,
+    # "pcgrad works on the Gramian": T^2 passes over the grads would cost ~T times more.
+    "pcgrad": GRAM_TARGET,
+    "db_mtl": ("mean", 4.0),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def make_task_grads(T: int, P: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 ``(T, P)`` array of task gradients and ``(T,)`` positive losses.
+
+    Task t is ``s_t * (a_t * u + n_t)``: a shared direction u (some tasks against it, a_t < 0),
+    its own noise n_t, and a scale s_t spread over two decades, so the Gramian is ill-conditioned
+    and the solvers have real work to do (random Gaussian rows alone are nearly orthogonal).
+    """
+    rng = np.random.default_rng(seed)
+    J = rng.standard_normal((T, P), dtype=np.float32)
+    u = rng.standard_normal(P, dtype=np.float32)
+    a = rng.uniform(-0.5, 1.5, T).astype(np.float32)
+    s = np.exp(rng.uniform(np.log(0.1), np.log(10.0), T)).astype(np.float32)
+    for t in range(T):  # in place, row by row: no second T x P temporary
+        J[t] += a[t] * u
+        J[t] *= s[t] / np.sqrt(P, dtype=np.float32)
+    losses = rng.uniform(0.5, 2.0, T).astype(np.float32)
+    return J, losses
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclasses.dataclass
+class Bench:
+    """One timed function; ``call`` runs it once and blocks until its result is ready."""
+
+    name: str
+    call: Callable[[], Any]
+    after: Callable[[], None] | None = None  # untimed bookkeeping after each timed call
+    times: list = dataclasses.field(default_factory=list)
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * statistics.median(self.times) if self.times else float("nan")
+
+
+def run_round_robin(
+    benches: list[Bench], repeats: int, warmup: int = 2, budget_s: float | None = None
+) -> None:
+    """Warm-up calls, then ``repeats`` rounds of one timed call of each bench.
+
+    With ``budget_s``, the number of rounds is cut so that the rounds take about that long
+    (at least 3), judged from the last warm-up round.
+    """
+    round_s = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        for b in benches:
+            b.call()
+        round_s = time.perf_counter() - start
+    if budget_s is not None and round_s > 0:
+        repeats = max(3, min(repeats, int(budget_s / round_s)))
+    for _ in range(repeats):
+        for b in benches:
+            start = time.perf_counter()
+            b.call()
+            b.times.append(time.perf_counter() - start)
+            if b.after is not None:
+                b.after()
+
+
+def run_groups(groups: list[list[Bench]], repeats: int, warmup: int = 2, budget_s=None) -> None:
+    """Each group round-robin (see :func:`run_round_robin`), the groups one after the other.
+
+    One group per library (JAX, numpy, torch): interleaving libraries call by call makes each
+    pay for waking its own thread pool after another's (10x on a tiny numpy call here).
+    """
+    for group in groups:
+        if group:
+            run_round_robin(group, repeats, warmup, budget_s and budget_s / len(groups))
+
+
+def _compile(fn: Callable, args: tuple, kwargs: dict, donate: tuple = ()):
+    """``jax.jit(fn).lower(...).compile()``, its wall time and peak temporary bytes."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args, **kwargs).compile()
+    seconds = time.perf_counter() - start
+    try:
+        temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not every backend or version reports it
+        temp = None
+    return compiled, seconds, temp
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """An mtlopt method as benchmarked: the row name and how to build the transformation."""
+
+    name: str
+    label: str
+    make: Callable[[int], Any]  # T -> optax transformation
+    peer: str | None  # the TorchJD aggregator of the same name (None: TorchJD has none)
+    warm: bool = False  # built with num_tasks: report the solver's mean iterations
+
+
+def specs(T: int) -> list[Spec]:
+    w = np.linspace(1.0, 2.0, T, dtype=np.float32) / T
+    return [
+        Spec("mean", "mean()", lambda T: mtlopt.mean(), "Mean"),
+        Spec("linear", "linear(w)", lambda T: mtlopt.linear(w), "Constant"),
+        Spec("cagrad", "cagrad()", lambda T: mtlopt.cagrad(c=0.4), "CAGrad"),
+        Spec(
+            "cagrad_warm",
+            "cagrad(num_tasks=T)",
+            lambda T: mtlopt.cagrad(c=0.4, num_tasks=T),
+            "CAGrad",
+            warm=True,
+        ),
+        Spec("mgda", "mgda()", lambda T: mtlopt.mgda(), "MGDA"),
+        Spec("mgda_warm", "mgda(num_tasks=T)", lambda T: mtlopt.mgda(num_tasks=T), "MGDA", True),
+        Spec("pcgrad", "pcgrad()", lambda T: mtlopt.pcgrad(seed=0), "PCGrad"),
+        Spec("db_mtl", "db_mtl(T)", lambda T: mtlopt.db_mtl(T), None),
+        Spec("log_transform", "log_transform()", lambda T: mtlopt.log_transform(), None),
+    ]
+
+
+def method_bench(spec: Spec, grads, params, losses, T: int) -> Bench:
+    """A jitted ``update`` with the state donated and fed back, plus compile time and memory."""
+    tx = spec.make(T)
+    state0 = tx.init(params)
+    kwargs = {"task_losses": losses}
+    compiled, seconds, temp = _compile(tx.update, (grads, state0, params), kwargs, donate=(1,))
+    box = {"state": state0, "out": None}
+
+    def call():
+        out, box["state"] = compiled(grads, box["state"], params, **kwargs)
+        jax.block_until_ready(out)
+
+    bench = Bench(spec.name, call, info={"compile_s": seconds, "temp_bytes": temp})
+    if spec.warm:
+        # Solver iterations from a cold start: the same transformation fed its init state.
+        cold_state = tx.init(params)
+        _, cold_state = compiled(grads, cold_state, params, **kwargs)
+        bench.info["cold_iters"] = int(cold_state.solver.num_steps)
+        bench.info["cold_converged"] = bool(cold_state.solver.converged)
+        iters: list[int] = []
+        bench.info["iters"] = iters
+        bench.after = lambda: iters.append(int(box["state"].solver.num_steps))
+    return bench
+
+
+def jax_reference_benches(grads, T: int, P: int) -> list[Bench]:
+    w = jnp.full((T,), 1.0 / T, jnp.float32)
+    out = []
+    for name, fn, args in [
+        ("gramian", mtlopt.gramian, (grads,)),
+        ("combine", mtlopt.combine, (w, grads)),
+    ]:
+        compiled, seconds, temp = _compile(fn, args, {})
+
+        def call(compiled=compiled, args=args):
+            jax.block_until_ready(compiled(*args))
+
+        out.append(Bench(name, call, info={"compile_s": seconds, "temp_bytes": temp}))
+    return out
+
+
+def numpy_benches(J: np.ndarray) -> list[Bench]:
+    w = np.full((J.shape[0],), 1.0 / J.shape[0], np.float32)
+    return [
+        Bench("numpy w @ J", lambda: w @ J),
+        Bench("numpy J @ J.T", lambda: J @ J.T),
+    ]
+
+
+def load_torch(threads: int):
+    """``(torch, torchjd.aggregation)``, or ``(None, None)`` when they are not installed."""
+    try:
+        import torch
+        import torchjd.aggregation as tjd
+    except ImportError:
+        return None, None
+    torch.set_num_threads(threads)
+    return torch, tjd
+
+
+def torch_benches(torch, J: np.ndarray) -> list[Bench]:
+    tJ = torch.from_numpy(J)  # shares J's memory
+    tw = torch.full((J.shape[0],), 1.0 / J.shape[0], dtype=torch.float32)
+    return [
+        Bench("torch w @ J", lambda: tw @ tJ),
+        Bench("torch J @ J.T", lambda: tJ @ tJ.T),
+    ]
+
+
+def make_peer(tjd, torch, name: str, T: int):
+    if name == "Constant":
+        return tjd.Constant(torch.linspace(1.0, 2.0, T) / T)
+    if name == "CAGrad":
+        return tjd.CAGrad(c=0.4)
+    return getattr(tjd, name)()
+
+
+def torchjd_benches(torch, tjd, J: np.ndarray, names: list[str]) -> list[Bench]:
+    tJ = torch.from_numpy(J)
+    out = []
+    for name in dict.fromkeys(names):  # each aggregator once, in order
+        try:
+            agg = make_peer(tjd, torch, name, J.shape[0])
+        except Exception as e:  # e.g. CAGrad without its optional solver
+            print(f"  TorchJD {name}: unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+
+        def call(agg=agg):
+            with torch.no_grad():
+                agg(tJ)
+
+        out.append(Bench(f"TorchJD {name}", call))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def _fmt(x: float | None, spec: str = ".2f", na: str = "n/a") -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return na
+    return format(x, spec)
+
+
+def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed: int) -> bool:
+    """Times everything at one (T, P), prints the table, returns whether every target passed."""
+    J, losses_np = make_task_grads(T, P, seed)
+    grads = {"w": jnp.asarray(J)}
+    params = {"w": jnp.zeros((P,), jnp.float32)}
+    losses = jnp.asarray(losses_np)
+    one_copy = 4 * P
+
+    all_specs = specs(T)
+    methods = [method_bench(s, grads, params, losses, T) for s in all_specs]
+    refs = jax_reference_benches(grads, T, P)
+    floors = numpy_benches(J)
+    torch, tjd = load_torch(threads) if use_torch else (None, None)
+    peers: dict[str, Bench] = {}
+    torch_floors: list[Bench] = []
+    if torch is not None:
+        torch_floors = torch_benches(torch, J)
+        for b in torchjd_benches(torch, tjd, J, [s.peer for s in all_specs if s.peer]):
+            peers[b.name.removeprefix("TorchJD ")] = b
+    run_groups([methods + refs, floors, torch_floors + list(peers.values())], repeats)
+    floors += torch_floors
+
+    by = {b.name: b for b in methods + refs}
+    ref_ms = {"mean": by["mean"].ms, "gramian+mean": by["gramian"].ms + by["mean"].ms}
+
+    print(
+        f"\nmtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"float32 task grads T={T}, P={P:.0e} ({T * P * 4 / 2**20:.0f} MiB), "
+        f"median of {len(methods[0].times)} calls, {threads} threads"
+        + (f", torch {torch.__version__}" if torch is not None else ", TorchJD: not installed")
+    )
+    head = (
+        f"{'method':<{W}}{'ms':>9}{'x mean':>8}{'x(G+m)':>8}  {'target':<14}{'result':<7}"
+        f"{'compile s':>10}{'temp xP':>9}{'iters':>11}{'TorchJD ms':>12}{'speed-up':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    ok, unconverged = True, False
+    for spec, b in zip(all_specs, methods, strict=True):
+        target, result = "", ""
+        if spec.name in TARGETS:
+            ref, factor = TARGETS[spec.name]
+            limit = factor * ref_ms[ref]
+            passed = b.ms <= limit
+            ok &= passed
+            target = f"<={factor:g}x {'G+m' if ref != 'mean' else 'mean'}"
+            result = "PASS" if passed else "FAIL"
+        iters = ""
+        if spec.warm:
+            iters = f"{np.mean(b.info['iters']):.1f}/{b.info['cold_iters']}"
+            if not b.info["cold_converged"]:
+                iters += "*"
+                unconverged = True
+        peer = peers.get(spec.peer) if spec.peer else None
+        peer_ms = peer.ms if peer is not None else None
+        speedup = peer_ms / b.ms if peer_ms is not None else None
+        temp = b.info["temp_bytes"]
+        print(
+            f"{spec.label:<{W}}{b.ms:>9.2f}{b.ms / ref_ms['mean']:>8.2f}"
+            f"{b.ms / ref_ms['gramian+mean']:>8.2f}  {target:<14}{result:<7}"
+            f"{b.info['compile_s']:>10.2f}{_fmt(temp and temp / one_copy, '.2f'):>9}"
+            f"{iters:>11}{_fmt(peer_ms):>12}{_fmt(speedup, '.1f') + ('x' if speedup else ''):>10}"
+        )
+    print("-" * len(head))
+    for b in refs:
+        temp = b.info["temp_bytes"]
+        label = "mtlopt." + b.name + ("(grads)" if b.name == "gramian" else "(w, grads)")
+        print(
+            f"{label:<{W}}{b.ms:>9.2f}{b.ms / ref_ms['mean']:>8.2f}"
+            f"{b.ms / ref_ms['gramian+mean']:>8.2f}  {'':<14}{'':<7}"
+            f"{b.info['compile_s']:>10.2f}{_fmt(temp and temp / one_copy, '.2f'):>9}"
+        )
+    print(f"{'gramian + mean()':<{W}}{ref_ms['gramian+mean']:>9.2f}")
+    for b in floors:
+        print(f"{b.name:<{W}}{b.ms:>9.2f}{b.ms / ref_ms['mean']:>8.2f}")
+    if torch is None:
+        print("TorchJD / torch: n/a (pip install -e '.[bench]' for the peer column)")
+    print(
+        "x(G+m): time / (mtlopt.gramian + mean()); temp xP: compiled temporary buffers / (P * 4 "
+        "bytes); iters: solver steps, warm mean / cold; speed-up: TorchJD ms / mtlopt ms."
+    )
+    if unconverged:
+        print("*: the cold solve stopped at max_iters without reaching its tolerance.")
+    print(f"targets: {'all PASS' if ok else 'some FAIL'}")
+    return ok
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+
+
+def floor_ms(method: str, numpy_ms: dict) -> float:
+    """numpy's floor for a method: the BLAS calls it cannot avoid."""
+    if method in ("mean", "db_mtl"):
+        return numpy_ms["numpy w @ J"]
+    return numpy_ms["numpy w @ J"] + numpy_ms["numpy J @ J.T"]
+
+
+def run_sweep(Ts, Ps, repeats, threads, use_torch, seed, budget_s, out_dir: Path) -> list[dict]:
+    torch, tjd = load_torch(threads) if use_torch else (None, None)
+    peer_of = {s.name: s.peer for s in specs(2)}
+    spec_of = {s.name: s for s in specs(2)}
+    rows = []
+    for T in Ts:
+        for P in Ps:
+            start = time.perf_counter()
+            J, losses_np = make_task_grads(T, P, seed)
+            grads = {"w": jnp.asarray(J)}
+            params = {"w": jnp.zeros((P,), jnp.float32)}
+            losses = jnp.asarray(losses_np)
+            methods = [method_bench(spec_of[m], grads, params, losses, T) for m in SWEEP_METHODS]
+            floors = numpy_benches(J)
+            peers: dict[str, Bench] = {}
+            if torch is not None:
+                names = [peer_of[m] for m in SWEEP_METHODS if peer_of[m]]
+                peers = {
+                    b.name.removeprefix("TorchJD "): b
+                    for b in torchjd_benches(torch, tjd, J, names)
+                }
+            run_groups([methods, floors, list(peers.values())], repeats, 1, budget_s)
+            numpy_ms = {b.name: b.ms for b in floors}
+            for m, b in zip(SWEEP_METHODS, methods, strict=True):
+                peer = peers.get(peer_of[m]) if peer_of[m] else None
+                rows.append(
+                    {
+                        "method": m,
+                        "T": T,
+                        "P": P,
+                        "ms": b.ms,
+                        "torchjd_ms": peer.ms if peer is not None else None,
+                        "floor_ms": floor_ms(m, numpy_ms),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"T={T:<3} P={P:<9.0e} {m:<8} {r['ms']:>10.2f} ms   TorchJD "
+                    f"{_fmt(r['torchjd_ms']):>9} ms   numpy floor {r['floor_ms']:>9.2f} ms",
+                    flush=True,
+                )
+            print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+            del grads, J, methods, floors, peers
+    write_sweep(rows, out_dir, torch is not None, threads)
+    return rows
+
+
+def write_sweep(rows: list[dict], out_dir: Path, have_torch: bool, threads: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Aggregation sweep",
+        "",
+        f"mtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"float32, {threads} threads, median per-call ms. Written by "
+        "`python benchmarks/aggregation.py --sweep`.",
+        "",
+        "numpy floor: `w @ J` (mean, db_mtl) or `J @ J.T` + `w @ J` (Gramian methods).",
+        "",
+        "| method | T | P | mtlopt ms | TorchJD ms | speed-up vs TorchJD | numpy floor ms "
+        "| x floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tj = r["torchjd_ms"]
+        lines.append(
+            f"| {r['method']} | {r['T']} | {r['P']:.0e} | {r['ms']:.2f} | {_fmt(tj)} | "
+            f"{_fmt(tj and tj / r['ms'], '.1f')} | {r['floor_ms']:.2f} | "
+            f"{r['ms'] / r['floor_ms']:.2f} |"
+        )
+    if not have_torch:
+        lines += ["", "TorchJD was not installed: no peer column."]
+    (out_dir / "aggregation_sweep.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / 'aggregation_sweep.md'}")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    Ts = sorted({r["T"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), sharey=True)
+    axes = np.atleast_1d(axes)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes, methods, strict=True):
+        for i, T in enumerate(Ts):
+            sel = sorted(
+                (r for r in rows if r["method"] == m and r["T"] == T), key=lambda r: r["P"]
+            )
+            P = [r["P"] for r in sel]
+            c = colors[i % len(colors)]
+            ax.plot(P, [r["ms"] for r in sel], "-o", color=c, label=f"mtlopt T={T}")
+            if any(r["torchjd_ms"] is not None for r in sel):
+                ax.plot(
+                    P,
+                    [r["torchjd_ms"] if r["torchjd_ms"] is not None else np.nan for r in sel],
+                    "--s",
+                    color=c,
+                    label=f"TorchJD T={T}",
+                )
+            ax.plot(P, [r["floor_ms"] for r in sel], ":", color=c, label=f"numpy floor T={T}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(m)
+        ax.set_xlabel("P (parameters)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("median ms per call")
+    axes[-1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"float32 task grads, CPU, {threads} threads (dashed: TorchJD, dotted: numpy)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "aggregation_sweep.png", dpi=110)
+    print(f"wrote {out_dir / 'aggregation_sweep.png'}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="T=10, P=1e5, few repeats (CI)")
+    mode.add_argument("--sweep", action="store_true", help="T x P sweep to benchmarks/results/")
+    p.add_argument("--T", type=int, default=10, help="number of tasks (table mode)")
+    p.add_argument("--P", type=float, default=1e6, help="number of parameters (table mode)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per function")
+    p.add_argument("--sweep-T", type=int, nargs="+", default=list(SWEEP_T))
+    p.add_argument("--sweep-P", type=float, nargs="+", default=list(SWEEP_P))
+    p.add_argument("--budget", type=float, default=20.0, help="sweep: seconds per (T, P)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--no-torch", action="store_true", help="skip torch and TorchJD")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*donated buffers.*")
+    use_torch = not args.no_torch
+
+    if args.sweep:
+        Ps = [int(x) for x in args.sweep_P]
+        run_sweep(
+            args.sweep_T, Ps, args.repeats or 15, args.threads, use_torch, args.seed,
+            args.budget, args.out,
+        )  # fmt: skip
+        return 0
+    if args.quick:
+        T, P, repeats = 10, 100_000, args.repeats or 5
+    else:
+        T, P, repeats = args.T, int(args.P), args.repeats or 21
+    ok = run_table(T, P, repeats, args.threads, use_torch, args.seed)
+    return 1 if (args.strict and not ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
