@@ -6,8 +6,10 @@ A new method adds a row here and inherits the whole contract and property suite.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 import mtlopt
@@ -24,6 +26,14 @@ class Row:
     kind: str = "aggregator"  # or "task_transform"
     # Scale of the update for T = 1 relative to the gradient (None: only the direction).
     t1_scale: Callable[[float], float] | None = lambda loss: 1.0
+
+    @property
+    def method(self) -> str:
+        """The public name that error messages carry (``mtlopt.<method>: ...``)."""
+        for public in ("db_mtl", "cagrad", "mgda", "pcgrad", "mean", "linear"):
+            if self.name.startswith(public):
+                return public
+        return self.name
 
     def __repr__(self):
         return self.name
@@ -72,3 +82,10 @@ ROWS = [
 
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
+
+
+@functools.cache
+def cached(row: Row, T: int):
+    """``(tx, jax.jit(tx.update))`` built once per row and T, so tests share compilations."""
+    tx = row.make(T)
+    return tx, jax.jit(tx.update)

@@ -79,3 +79,238 @@ def uniform(mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Equal weights on the active coordinates (all zero when none is active)."""
     m = mask.astype(dtype)
     return m / jnp.maximum(jnp.sum(m), 1.0)
+
+def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
+
+
+def _newton_direction(H: jax.Array, g: jax.Array, support: jax.Array) -> jax.Array:
+    """The Newton step on the face ``{d: sum(d) = 0, d_i = 0 off support}``.
+
+    Solves ``[[H_SS, 1], [1^T, 0]] [d; nu] = [-g_S; 0]`` padded to full size (identity rows off
+    the support). ``H_SS`` may be singular (rank-deficient Gramians): it gets a ridge of a few
+    ulps of its scale, and one step of iterative refinement recovers the unregularised
+    solution where that one is well determined.
+    """
+    T = g.shape[0]
+    dtype = g.dtype
+    both = support[:, None] & support[None, :]
+    Hs = jnp.where(both, H, 0.0)
+    scale = jnp.max(jnp.where(support, jnp.diagonal(H), 0.0))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    ridge = 64.0 * jnp.finfo(dtype).eps * scale
+    eye = jnp.eye(T, dtype=dtype)
+    on = support.astype(dtype)
+    A = Hs + eye * jnp.where(support, ridge, scale)
+    K = jnp.block([[A, scale * on[:, None]], [scale * on[None, :], jnp.zeros((1, 1), dtype)]])
+    Kexact = jnp.block(
+        [[Hs + eye * jnp.where(support, 0.0, scale), scale * on[:, None]],
+         [scale * on[None, :], jnp.zeros((1, 1), dtype)]]
+    )
+    rhs = jnp.concatenate([jnp.where(support, -g, 0.0), jnp.zeros((1,), dtype)])
+    lu = jax.scipy.linalg.lu_factor(K)
+    x = jax.scipy.linalg.lu_solve(lu, rhs)
+    x = x + jax.scipy.linalg.lu_solve(lu, rhs - jnp.dot(Kexact, x, precision=HIGHEST))
+    return jnp.where(support, x[:T], 0.0)
+
+
+class _Carry(NamedTuple):
+    w: jax.Array
+    y: jax.Array
+    t: jax.Array
+    f: jax.Array
+    g: jax.Array
+    gap: jax.Array
+    k: jax.Array
+    stall: jax.Array
+
+
+def minimize_on_simplex(
+    value_and_grad: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    curvature: Callable[[jax.Array], jax.Array],
+    w0: jax.Array,
+    mask: jax.Array,
+    *,
+    tol: float,
+    max_iters: int,
+    hessian: Callable[[jax.Array], jax.Array] | None = None,
+    lower_bound: jax.Array | None = None,
+    newton_every: int = 2,
+    patience: int = 16,
+    num_backtracks: int = 8,
+) -> tuple[jax.Array, SolverInfo]:
+    """Minimises a convex F over the simplex of the active tasks.
+
+    Args:
+      value_and_grad: ``w -> (F(w), grad F(w))``.
+      curvature: ``y -> L``, a Lipschitz bound for grad F valid on a step from ``y`` (for a
+        non-smooth F, the curvature of a majorizer of F that touches it at ``y``).
+      w0: the starting point (projected first), e.g. the last step's solution.
+      mask: ``(T,)`` bool, the coordinates that may be nonzero.
+      tol: stop once the Frank-Wolfe gap is at most ``tol``.
+      max_iters: the iteration cap (static).
+      hessian: optional ``w -> (T, T)`` Hessian of F: then every ``newton_every``-th step
+        (the first included) is a Newton step on the face of the current support.
+      lower_bound: optional lower bound on ``min F`` known in advance; the reported gap is the
+        smaller of the Frank-Wolfe gap and ``F(w) - lower_bound``.
+      newton_every: the period of the Newton steps.
+      patience: stop (unconverged) after this many steps in a row without decrease of F: the
+        iterate is at the floor set by rounding.
+
+    Returns:
+      The solution and a :class:`SolverInfo`.
+    """
+    w0 = jnp.asarray(w0)
+    dtype = w0.dtype if jnp.issubdtype(w0.dtype, jnp.floating) else jnp.float32
+    w = project(w0.astype(dtype), mask)
+
+    def gap_of(w, f, g):
+        gap = fw_gap(w, g, mask)
+        if lower_bound is not None:
+            gap = jnp.minimum(gap, f - lower_bound)
+        return gap
+
+    f, g = value_and_grad(w)
+    carry = _Carry(w, w, jnp.ones((), dtype), f, g, gap_of(w, f, g), jnp.int32(0), jnp.int32(0))
+
+    def cond(c):
+        return (c.gap > tol) & (c.k < max_iters) & (c.stall < patience)
+
+    def fista(c):
+        _, gy = value_and_grad(c.y)
+        L = curvature(c.y)
+        step = jnp.where(L > 0, 1.0 / jnp.where(L > 0, L, 1.0), 0.0)
+        w_new = project(c.y - step * gy, mask)
+        f_new, g_new = value_and_grad(w_new)
+        # A plain projected step (t == 1) never increases F; an accelerated one may: then restart.
+        accept = (f_new <= c.f) | (c.t == 1.0)
+        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * c.t * c.t))
+        y_next = w_new + ((c.t - 1.0) / t_next) * (w_new - c.w)
+        return _Carry(
+            w=jnp.where(accept, w_new, c.w),
+            y=jnp.where(accept, y_next, c.w),
+            t=jnp.where(accept, t_next, 1.0),
+            f=jnp.where(accept, f_new, c.f),
+            g=jnp.where(accept, g_new, c.g),
+            gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
+            k=c.k + 1,
+            stall=jnp.where(accept & (f_new < c.f), 0, c.stall + 1),
+        )
+
+    steps = 0.5 ** jnp.arange(num_backtracks, dtype=dtype)
+
+    def newton(c):
+        support = mask & (c.w > 0)
+        d = _newton_direction(hessian(c.w), c.g, support)
+        # (a) steps along d, the longest one that stays feasible and shorter ones (F need not be
+        # quadratic); the blocking coordinates of the longest are set to 0;
+        shrink = support & (d < 0)
+        ratio = jnp.where(shrink, c.w / jnp.where(shrink, -d, 1.0), jnp.inf)
+        alpha = jnp.minimum(jnp.min(ratio), 1.0)
+        wa = jnp.maximum(c.w[None, :] + (alpha * steps)[:, None] * d[None, :], 0.0)
+        wa = wa.at[0].set(jnp.where(ratio <= alpha, 0.0, wa[0]))
+        # (b) the same steps without the ratio test, projected back onto the simplex.
+        wb = jax.vmap(lambda s: project(c.w + s * d, mask))(steps)
+        cands = jnp.concatenate([wa, wb])
+        cands = cands / jnp.maximum(jnp.sum(cands, axis=1, keepdims=True), jnp.finfo(dtype).tiny)
+        fs, gs = jax.vmap(value_and_grad)(cands)
+        fs = jnp.where(jnp.isfinite(fs), fs, jnp.inf)
+        best = jnp.argmin(fs)
+        w_new, f_new, g_new = cands[best], fs[best], gs[best]
+        accept = f_new < c.f
+        return _Carry(
+            w=jnp.where(accept, w_new, c.w),
+            y=jnp.where(accept, w_new, c.y),
+            t=jnp.where(accept, 1.0, c.t),
+            f=jnp.where(accept, f_new, c.f),
+            g=jnp.where(accept, g_new, c.g),
+            gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
+            k=c.k + 1,
+            stall=jnp.where(accept, 0, c.stall + 1),
+        )
+
+    if hessian is None:
+        body = fista
+    else:
+
+        def body(c):
+            return lax.cond(c.k % newton_every == 0, newton, fista, c)
+
+    out = lax.while_loop(cond, body, carry)
+    return out.w, SolverInfo(out.k, out.gap, out.gap <= tol)
+
+
+def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_iters: int):
+    """The min-norm point of the convex hull: ``argmin_{w in simplex} w^T G w`` (G normalised)."""
+    L = 2.0 * spectral_bound(G)
+
+    def value_and_grad(w):
+        Gw = matvec(G, w)
+        return jnp.dot(w, Gw, precision=HIGHEST), 2.0 * Gw
+
+    return minimize_on_simplex(
+        value_and_grad,
+        lambda y: L,
+        jnp.asarray(w0).astype(G.dtype),
+        mask,
+        tol=tol,
+        max_iters=max_iters,
+        hessian=lambda w: 2.0 * G,
+        lower_bound=jnp.zeros((), G.dtype),
+    )
+
+
+def cagrad_dual(
+    G: jax.Array,
+    b: jax.Array,
+    rho: jax.Array,
+    w0: jax.Array,
+    mask: jax.Array,
+    *,
+    tol: float,
+    max_iters: int,
+):
+    """CAGrad's dual ``argmin_{w in simplex} w^T G b + rho * sqrt(w^T G w)`` (G normalised).
+
+    ``sqrt`` is concave, so its tangent at ``q(y) = y^T G y`` majorizes it; the majorizer's
+    gradient is ``rho * lam_max(G) / sqrt(q(y))``-Lipschitz, which is the step's curvature.
+    """
+    dtype = G.dtype
+    b = jnp.asarray(b).astype(dtype)
+    rho = jnp.asarray(rho).astype(dtype)
+    Gb = matvec(G, b)
+    lam = spectral_bound(G)
+    floor = jnp.asarray(1e-12, dtype)
+
+    def value_and_grad(w):
+        Gw = matvec(G, w)
+        norm = jnp.sqrt(jnp.maximum(jnp.dot(w, Gw, precision=HIGHEST), 0.0))
+        safe = jnp.maximum(norm, floor)
+        return jnp.dot(w, Gb, precision=HIGHEST) + rho * norm, Gb + (rho / safe) * Gw
+
+    def curvature(y):
+        norm = jnp.sqrt(jnp.maximum(quad(G, y), 0.0))
+        return rho * lam / jnp.maximum(norm, floor)
+
+    def hessian(w):
+        Gw = matvec(G, w)
+        norm = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.dot(w, Gw, precision=HIGHEST), 0.0)), floor)
+        u = Gw / norm
+        return (rho / norm) * (G - u[:, None] * u[None, :])
+
+    # Weak duality: d = max(1 - c, 0) g0 lies in CAGrad's ball, so F* >= min_t <g_t, d>.
+    g0_norm = jnp.sqrt(jnp.maximum(jnp.dot(b, Gb, precision=HIGHEST), 0.0))
+    c = rho / jnp.where(g0_norm > 0, g0_norm, 1.0)
+    lower = jnp.maximum(1.0 - c, 0.0) * jnp.min(jnp.where(mask, Gb, jnp.inf))
+    lower = jnp.where(jnp.any(mask), lower, 0.0)
+
+    return minimize_on_simplex(
+        value_and_grad,
+        curvature,
+        jnp.asarray(w0).astype(dtype),
+        mask,
+        tol=tol,
+        max_iters=max_iters,
+        hessian=hessian,
+        lower_bound=lower,
+    )

@@ -1,0 +1,462 @@
+"""Per-method tests: closed forms, independent references (scipy, numpy), frozen numbers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import mtlopt
+from mtlopt._src.methods.projection import pcgrad_weights
+
+
+def _update(tx, G, **extra):
+    """One update on a single-leaf task-grads matrix G (T, P); returns (update, state)."""
+    G = jnp.asarray(G, jnp.float32)
+    state = tx.init(jnp.zeros(G.shape[1]))
+    return jax.jit(tx.update)(G, state, **extra)
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- mean, linear
+
+
+def test_mean_and_linear_closed_form():
+    J = _rng().normal(size=(4, 7)).astype(np.float32)
+    u, _ = _update(mtlopt.mean(), J)
+    np.testing.assert_allclose(u, J.mean(0), rtol=1e-6, atol=1e-6)
+    w = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    u, s = _update(mtlopt.linear(w), J)
+    np.testing.assert_allclose(u, w @ J, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mtlopt.task_weights(s), w)
+
+
+def test_linear_rejects_bad_weights():
+    with pytest.raises(ValueError, match=r"mtlopt\.linear: weights must be"):
+        mtlopt.linear([])
+    with pytest.raises(ValueError, match=r"mtlopt\.linear: num_tasks=3 but 2 weights"):
+        mtlopt.linear([1.0, 2.0], num_tasks=3)
+
+
+# ---------------------------------------------------------------- MGDA
+
+
+def _mgda_two(g1, g2):
+    """Closed form of the min-norm point of the segment [g1, g2]."""
+    diff = g1 - g2
+    a = np.clip(((g2 - g1) @ g2) / (diff @ diff), 0.0, 1.0)
+    return a * g1 + (1 - a) * g2, np.array([a, 1 - a])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mgda_two_tasks_closed_form(seed):
+    J = _rng(seed).normal(size=(2, 9))
+    ref, w = _mgda_two(J[0], J[1])
+    u, s = _update(mtlopt.mgda(num_tasks=2), J)
+    np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mtlopt.task_weights(s), w, atol=1e-4)
+
+
+def test_mgda_opposite_tasks_give_zero():
+    g = _rng(1).normal(size=9)
+    u, _ = _update(mtlopt.mgda(), np.stack([g, -g]))
+    np.testing.assert_allclose(u, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mgda_is_non_conflicting(seed):
+    J = _rng(seed).normal(size=(5, 30)).astype(np.float32)
+    u, _ = _update(mtlopt.mgda(), J)
+    u = np.asarray(u, np.float64)
+    # Optimality of the min-norm point d: <g_t, d> >= ||d||^2 for every t.
+    assert np.all(J @ u >= u @ u - 1e-4 * np.trace(J @ J.T) / 5)
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+def test_mgda_normalizations_match_scipy(normalization):
+    rng = _rng(3)
+    J = rng.normal(size=(4, 12)) * np.array([[0.1], [1.0], [3.0], [10.0]])
+    losses = rng.uniform(0.5, 3.0, 4)
+    norms = np.linalg.norm(J, axis=1)
+    n = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    D = J / n[:, None]
+    GD = D @ D.T
+    res = scipy.optimize.minimize(
+        lambda w: w @ GD @ w, np.ones(4) / 4, jac=lambda w: 2 * GD @ w, method="SLSQP",
+        bounds=[(0, 1)] * 4, constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        options={"ftol": 1e-14, "maxiter": 1000})
+    u, s = _update(mtlopt.mgda(normalization, num_tasks=4), J,
+                   task_losses=jnp.asarray(losses, jnp.float32))
+    ref = res.x @ D
+    np.testing.assert_allclose(u, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(mtlopt.task_weights(s), res.x / n, rtol=2e-3, atol=1e-4)
+
+
+def test_mgda_rejects_unknown_normalization():
+    with pytest.raises(ValueError, match=r"mtlopt\.mgda: normalization must be one of"):
+        mtlopt.mgda("l1")
+
+
+# ---------------------------------------------------------------- CAGrad
+
+
+def _cagrad_primal(J, c, b=None):
+    """Independent reference: the primal max_d min_t <g_t, d> s.t. ||d - g0|| <= c ||g0||."""
+    T, P = J.shape
+    b = np.full(T, 1.0 / T) if b is None else b
+    g0 = b @ J
+    r = c * np.linalg.norm(g0)
+    # Variables (d, s); maximise s subject to <g_t, d> >= s and the ball.
+    cons = [{"type": "ineq", "fun": lambda x, t=t: J[t] @ x[:P] - x[P]} for t in range(T)]
+    cons.append({"type": "ineq", "fun": lambda x: r * r - np.sum((x[:P] - g0) ** 2)})
+    x0 = np.concatenate([g0, [np.min(J @ g0)]])
+    res = scipy.optimize.minimize(lambda x: -x[P], x0, method="SLSQP", constraints=cons,
+                                  options={"ftol": 1e-14, "maxiter": 2000})
+    return res.x[:P]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
+def test_cagrad_matches_primal_solve(seed, c):
+    J = _rng(seed).normal(size=(3, 6))
+    J[1] = -0.8 * J[0] + 0.4 * J[1]
+    d_ref = _cagrad_primal(J, c)
+    u, s = _update(mtlopt.cagrad(c=c, rescale=0, num_tasks=3), J)
+    np.testing.assert_allclose(u, d_ref, rtol=2e-3, atol=2e-3 * np.linalg.norm(d_ref))
+    # The worst task's improvement matches the primal optimum's.
+    assert np.min(J @ np.asarray(u)) == pytest.approx(np.min(J @ d_ref), rel=1e-3, abs=1e-5)
+    assert bool(s.solver.converged)
+
+
+@pytest.mark.parametrize("rescale,div", [(0, 1.0), (1, 1.25), (2, 1.5)])
+def test_cagrad_rescale_and_ball(rescale, div):
+    J = _rng(5).normal(size=(4, 8))
+    c = 0.5
+    u0, _ = _update(mtlopt.cagrad(c=c, rescale=0), J)
+    u, _ = _update(mtlopt.cagrad(c=c, rescale=rescale), J)
+    np.testing.assert_allclose(np.asarray(u) * div, u0, rtol=1e-5, atol=1e-6)
+    g0 = J.mean(0)
+    # The correction term has norm exactly c ||g0|| away from stationarity.
+    assert np.linalg.norm(np.asarray(u0) - g0) == pytest.approx(c * np.linalg.norm(g0), rel=1e-4)
+
+
+def test_cagrad_c0_is_the_mean():
+    J = _rng(6).normal(size=(3, 5))
+    u, _ = _update(mtlopt.cagrad(c=0.0), J)
+    np.testing.assert_allclose(u, J.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_cagrad_two_tasks_closed_form():
+    # Two tasks: the dual is one-dimensional, w = (p, 1 - p); solve it on a fine grid.
+    J = _rng(7).normal(size=(2, 5))
+    c = 0.6
+    G = J @ J.T
+    b = np.array([0.5, 0.5])
+    rho = c * np.sqrt(b @ G @ b)
+    p = np.linspace(0, 1, 200001)
+    W = np.stack([p, 1 - p], 1)
+    F = W @ G @ b + rho * np.sqrt(np.einsum("ij,jk,ik->i", W, G, W))
+    w = W[np.argmin(F)]
+    gw = w @ J
+    d = J.mean(0) + rho / np.linalg.norm(gw) * gw
+    u, _ = _update(mtlopt.cagrad(c=c, rescale=0), J)
+    np.testing.assert_allclose(u, d, rtol=1e-3, atol=1e-4)
+
+
+def test_cagrad_pareto_stationary_falls_back_to_rescaled_mean():
+    g = _rng(8).normal(size=6)
+    J = np.stack([g, -g, 0.5 * g - 0.5 * g])  # 0 in the hull: stationary
+    J[2] = 0.0
+    u, s = _update(mtlopt.cagrad(c=0.4, rescale=1, num_tasks=3), J)
+    np.testing.assert_allclose(u, J.mean(0) / 1.16, atol=1e-6)
+    assert np.all(np.isfinite(mtlopt.task_weights(s)))
+
+
+def test_cagrad_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match=r"mtlopt\.cagrad: c must be a finite number >= 0"):
+        mtlopt.cagrad(c=-1.0)
+    with pytest.raises(ValueError, match=r"mtlopt\.cagrad: rescale must be one of"):
+        mtlopt.cagrad(rescale=3)
+    with pytest.raises(ValueError, match=r"mtlopt\.cagrad: g0_weights"):
+        mtlopt.cagrad(g0_weights=[0.5, -0.5])
+
+
+def test_cagrad_warm_start_cuts_iterations():
+    J = _rng(9).normal(size=(10, 40)).astype(np.float32)
+    tx = mtlopt.cagrad(num_tasks=10)
+    state = tx.init(jnp.zeros(40))
+    update = jax.jit(tx.update)
+    _, state = update(jnp.asarray(J), state)
+    cold = int(state.solver.num_steps)
+    J2 = J + 0.01 * _rng(10).normal(size=J.shape).astype(np.float32)
+    _, state = update(jnp.asarray(J2), state)
+    assert int(state.solver.num_steps) < cold
+
+
+# ---------------------------------------------------------------- CAGrad-Fast
+
+
+@pytest.mark.parametrize("T,n", [(5, 1), (5, 2), (5, 5), (8, 3)])
+def test_cagrad_fast_groups_cover_every_task_once(T, n):
+    for seed in range(5):
+        M = np.asarray(mtlopt.cagrad_fast_groups(jax.random.key(seed), T, n))
+        assert M.shape == (n, T)
+        assert np.all((M > 0).sum(axis=0) == 1)  # every task in exactly one group
+        np.testing.assert_allclose(M.sum(axis=1), 1.0, rtol=1e-6)  # each group averages
+        b = mtlopt.cagrad_fast_weights(T, n)
+        # b^T M is the mean over all T tasks: the grouped g0 is the true g0.
+        np.testing.assert_allclose(b @ M, np.full(T, 1.0 / T), rtol=1e-6)
+
+
+def test_cagrad_fast_end_to_end_keeps_g0():
+    T, n = 6, 3
+    J = _rng(11).normal(size=(T, 10))
+    M = np.asarray(mtlopt.cagrad_fast_groups(jax.random.key(1), T, n))
+    grouped = M @ J  # the gradients of the grouped losses
+    u, _ = _update(mtlopt.cagrad(c=0.0, g0_weights=mtlopt.cagrad_fast_weights(T, n)), grouped)
+    np.testing.assert_allclose(u, J.mean(0), rtol=1e-5, atol=1e-6)
+    u, _ = _update(mtlopt.cagrad(c=0.4, g0_weights=mtlopt.cagrad_fast_weights(T, n)), grouped)
+    assert np.all(np.isfinite(u))
+
+
+def test_cagrad_fast_rejects_too_many_groups():
+    with pytest.raises(ValueError, match=r"n must be at most num_tasks=3"):
+        mtlopt.cagrad_fast_groups(jax.random.key(0), 3, 4)
+
+
+# ---------------------------------------------------------------- PCGrad
+
+
+def _pcgrad_numpy(J, orders):
+    out = []
+    for i in range(len(J)):
+        g = J[i].copy()
+        for j in orders[i]:
+            if j == i:
+                continue
+            dot = g @ J[j]
+            if dot < 0:
+                g = g - dot / (J[j] @ J[j]) * J[j]
+        out.append(g)
+    return np.sum(out, axis=0)
+
+
+def test_pcgrad_two_tasks_closed_form():
+    g1 = np.array([1.0, 0.0, 0.0])
+    g2 = np.array([-1.0, 1.0, 0.0])
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    u, _ = _update(mtlopt.pcgrad(), np.stack([g1, g2]))
+    np.testing.assert_allclose(u, p1 + p2, rtol=1e-5, atol=1e-6)
+
+
+def test_pcgrad_orthogonal_is_the_sum():
+    J = np.eye(3, 5)
+    u, _ = _update(mtlopt.pcgrad(), J)
+    np.testing.assert_allclose(u, J.sum(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pcgrad_gramian_space_matches_explicit_projections(seed):
+    rng = _rng(seed)
+    T = 5
+    J = rng.normal(size=(T, 8))
+    J[1] = -J[0] + 0.1 * J[1]
+    orders = np.stack([rng.permutation(T) for _ in range(T)])
+    w = pcgrad_weights(jnp.asarray(J @ J.T, jnp.float32), jnp.asarray(orders),
+                       jnp.ones(T, bool))
+    np.testing.assert_allclose(np.asarray(w) @ J, _pcgrad_numpy(J, orders), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_pcgrad_seeds_differ_and_repeat():
+    J = _rng(12).normal(size=(4, 6))
+    J[1] = -J[0] + 0.2 * J[1]
+    J[2] = -J[3] + 0.2 * J[2]
+    a = [np.asarray(_update(mtlopt.pcgrad(seed=s), J)[0]) for s in range(6)]
+    again = np.asarray(_update(mtlopt.pcgrad(seed=0), J)[0])
+    np.testing.assert_array_equal(a[0], again)
+    assert any(not np.allclose(a[0], x) for x in a[1:])
+
+
+def test_pcgrad_vmap_over_keys():
+    J = jnp.asarray(_rng(13).normal(size=(4, 6)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    def run(key):
+        tx = mtlopt.pcgrad(seed=key)
+        return tx.update(J, tx.init(jnp.zeros(6)))[0]
+
+    out = jax.vmap(run)(keys)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], run(keys[i]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- DB-MTL and log_transform
+
+
+def test_log_transform_divides_by_losses():
+    J = _rng(14).normal(size=(3, 4)).astype(np.float32)
+    losses = np.array([0.5, 2.0, 4.0], np.float32)
+    tx = mtlopt.log_transform(eps=1e-8)
+    out, _ = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.asarray(losses))
+    np.testing.assert_allclose(out, J / (losses[:, None] + 1e-8), rtol=1e-6)
+    # Out of the log's domain: clamped, finite.
+    out, _ = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.array([-1.0, 0.0, 1.0]))
+    assert np.all(np.isfinite(out))
+
+
+def test_log_transform_chains_in_front_of_any_method():
+    J = _rng(15).normal(size=(3, 4)).astype(np.float32)
+    losses = jnp.array([0.5, 2.0, 4.0])
+    chained = mtlopt.optax_chain = None  # noqa: F841 (kept simple: optax.chain below)
+    import optax
+
+    tx = optax.chain(mtlopt.log_transform(), mtlopt.cagrad())
+    state = tx.init(jnp.zeros(4))
+    with jax.numpy_dtype_promotion("standard"):
+        u, _ = tx.update(jnp.asarray(J), state, task_losses=losses)
+    ref, _ = _update(mtlopt.cagrad(), J / (np.asarray(losses)[:, None] + 1e-8))
+    np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_db_mtl_matches_numpy_recurrence():
+    rng = _rng(16)
+    T, P = 3, 7
+    beta, sigma, eps = 0.8, 0.5, 1e-8
+    tx = mtlopt.db_mtl(T, beta=beta, beta_sigma=sigma, eps=eps)
+    state = tx.init(jnp.zeros(P))
+    ema = np.zeros((T, P))
+    update = jax.jit(tx.update)
+    for k in range(1, 5):
+        J = rng.normal(size=(T, P)) * np.array([[0.1], [1.0], [10.0]])
+        losses = rng.uniform(0.1, 5.0, T)
+        u, state = update(jnp.asarray(J, jnp.float32), state,
+                          task_losses=jnp.asarray(losses, jnp.float32))
+        g = J / (losses[:, None] + eps)
+        bk = beta / k**sigma
+        ema = g + bk * (ema - g)
+        norms = np.linalg.norm(ema, axis=1)
+        ref = norms.max() * (ema / norms[:, None]).sum(0)
+        np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+        np.testing.assert_allclose(mtlopt.task_weights(state), norms.max() / norms, rtol=1e-4)
+        # Every scaled EMA gradient has the largest norm.
+        scaled = np.asarray(mtlopt.task_weights(state))[:, None] * ema
+        np.testing.assert_allclose(np.linalg.norm(scaled, axis=1), norms.max(), rtol=1e-4)
+
+
+def test_db_mtl_first_update_has_one_minus_beta_scale():
+    J = _rng(17).normal(size=(1, 5)).astype(np.float32)
+    u, _ = _update(mtlopt.db_mtl(1, beta=0.9), J, task_losses=jnp.array([1.0]))
+    np.testing.assert_allclose(u, 0.1 * J[0], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- task-specific leaves
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: mtlopt.cagrad(num_tasks=2), lambda: mtlopt.mgda(num_tasks=2),
+             lambda: mtlopt.pcgrad(num_tasks=2), lambda: mtlopt.mean(num_tasks=2),
+             lambda: mtlopt.db_mtl(2, beta=0.0)])
+def test_task_specific_leaves(make):
+    rng = _rng(18)
+    trunk = rng.normal(size=(2, 6)).astype(np.float32)
+    trunk[1] = -0.5 * trunk[0] + trunk[1]
+    head_a = np.stack([rng.normal(size=3), np.zeros(3)]).astype(np.float32)
+    head_b = np.stack([np.zeros(3), rng.normal(size=3)]).astype(np.float32)
+    grads = {"trunk": jnp.asarray(trunk), "head_a": jnp.asarray(head_a),
+             "head_b": jnp.asarray(head_b)}
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
+    mask = {"trunk": False, "head_a": True, "head_b": True}
+    losses = jnp.array([2.0, 0.5])
+    tx = make()._replace() if False else None  # noqa: F841
+    full = make()
+    ctor_with_mask = _with_task_specific(make, mask)
+    u, s = jax.jit(ctor_with_mask.update)(grads, ctor_with_mask.init(params), task_losses=losses)
+    # Shared part: as if only the trunk existed.
+    ref, _ = jax.jit(full.update)({"trunk": grads["trunk"]}, full.init({"trunk": params["trunk"]}),
+                                  task_losses=losses)
+    np.testing.assert_allclose(u["trunk"], ref["trunk"], rtol=1e-5, atol=1e-6)
+    # Heads: their own task's gradient (for DB-MTL, of the log loss).
+    scale = 1.0 / (np.asarray(losses) + 1e-8) if "DBMTL" in type(s).__name__ else np.ones(2)
+    np.testing.assert_allclose(u["head_a"], head_a[0] * scale[0], rtol=1e-5)
+    np.testing.assert_allclose(u["head_b"], head_b[1] * scale[1], rtol=1e-5)
+
+
+def _with_task_specific(make, mask):
+    """Rebuilds the transformation of ``make`` with ``task_specific=mask``."""
+    import inspect
+
+    src = inspect.getsource(make)
+    if "cagrad" in src:
+        return mtlopt.cagrad(num_tasks=2, task_specific=mask)
+    if "mgda" in src:
+        return mtlopt.mgda(num_tasks=2, task_specific=mask)
+    if "pcgrad" in src:
+        return mtlopt.pcgrad(num_tasks=2, task_specific=mask)
+    if "db_mtl" in src:
+        return mtlopt.db_mtl(2, beta=0.0, task_specific=mask)
+    return mtlopt.mean(num_tasks=2, task_specific=mask)
+
+
+def test_task_specific_callable_and_bad_structure():
+    grads = {"trunk": jnp.ones((2, 3)), "head": jnp.ones((2, 2))}
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
+    tx = mtlopt.mean(task_specific=lambda tree: {"trunk": False, "head": True})
+    u, _ = tx.update(grads, tx.init(params))
+    np.testing.assert_allclose(u["head"], 2.0)
+    np.testing.assert_allclose(u["trunk"], 1.0)
+    tx = mtlopt.mean(task_specific={"trunk": False})
+    with pytest.raises(ValueError, match=r"mtlopt\.mean: task_specific must be a pytree"):
+        tx.init(params)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_task_value_and_grad_matches_jacrev():
+    def losses(p, x):
+        return jnp.stack([jnp.sum(jnp.sin(p["w"] * x)), jnp.sum(p["w"] ** 2) + p["b"]])
+
+    p = {"w": jnp.array([0.3, -1.2, 2.0]), "b": jnp.array(0.5)}
+    x = jnp.array([1.0, 2.0, 3.0])
+    l, g = mtlopt.task_value_and_grad(losses)(p, x)
+    np.testing.assert_allclose(l, losses(p, x))
+    jac = jax.jacrev(losses)(p, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g, jac)
+
+    def with_aux(p, x):
+        return losses(p, x), {"n": 3}
+
+    (l2, aux), g2 = mtlopt.task_value_and_grad(with_aux, has_aux=True)(p, x)
+    assert aux == {"n": 3}
+    (gp, gx) = mtlopt.task_value_and_grad(losses, argnums=(0, 1))(p, x)[1]
+    np.testing.assert_allclose(gx, jax.jacrev(losses, argnums=1)(p, x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"mtlopt\.task_value_and_grad: fun must return a 1-D"):
+        mtlopt.task_value_and_grad(lambda p, x: jnp.sum(p["w"]))(p, x)
+
+
+def test_gramian_and_combine():
+    J = _rng(19).normal(size=(3, 50000)).astype(np.float32)  # big enough for the chunked path
+    tree = {"a": jnp.asarray(J[:, :20000].reshape(3, 100, 200)), "b": jnp.asarray(J[:, 20000:])}
+    np.testing.assert_allclose(mtlopt.gramian(tree), J.astype(np.float64) @ J.T.astype(
+        np.float64), rtol=1e-5)
+    w = np.array([0.2, -1.0, 3.0], np.float32)
+    out = mtlopt.combine(jnp.asarray(w), tree)
+    np.testing.assert_allclose(out["b"], w @ J[:, 20000:], rtol=1e-5, atol=1e-5)
+
+
+def test_task_weights_searches_nested_states():
+    import optax
+
+    with jax.numpy_dtype_promotion("standard"):
+        tx = optax.chain(mtlopt.log_transform(), mtlopt.mgda(num_tasks=2), optax.adam(1e-3))
+        state = tx.init(jnp.zeros(3))
+        _, state = tx.update(jnp.eye(2, 3), state, jnp.zeros(3), task_losses=jnp.ones(2))
+    np.testing.assert_allclose(mtlopt.task_weights(state), [0.5, 0.5], atol=1e-5)
+    assert mtlopt.task_weights((optax.EmptyState(),)) is None
