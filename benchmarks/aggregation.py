@@ -178,16 +178,23 @@ def specs(T: int) -> list[Spec]:
     ]
 
 
-def method_bench(spec: Spec, grads, params, losses, T: int) -> Bench:
-    """A jitted ``update`` with the state donated and fed back, plus compile time and memory."""
+def method_bench(spec: Spec, grads, params, losses, T: int, next_grads=None) -> Bench:
+    """A jitted ``update`` with the state donated and fed back, plus compile time and memory.
+
+    With ``next_grads``, calls alternate between ``grads`` and ``next_grads`` (same shapes), so
+    a warm-started solver meets a Gramian that moved since its last solve, as in training.
+    """
     tx = spec.make(T)
     state0 = tx.init(params)
     kwargs = {"task_losses": losses}
     compiled, seconds, temp = _compile(tx.update, (grads, state0, params), kwargs, donate=(1,))
-    box = {"state": state0, "out": None}
+    inputs = [grads] if next_grads is None else [grads, next_grads]
+    box = {"state": state0, "k": 0}
 
     def call():
-        out, box["state"] = compiled(grads, box["state"], params, **kwargs)
+        g = inputs[box["k"] % len(inputs)]
+        box["k"] += 1
+        out, box["state"] = compiled(g, box["state"], params, **kwargs)
         jax.block_until_ready(out)
 
     bench = Bench(spec.name, call, info={"compile_s": seconds, "temp_bytes": temp})
@@ -201,6 +208,12 @@ def method_bench(spec: Spec, grads, params, losses, T: int) -> Bench:
         bench.info["iters"] = iters
         bench.after = lambda: iters.append(int(box["state"].solver.num_steps))
     return bench
+
+
+def perturbed(J: np.ndarray, seed: int) -> np.ndarray:
+    """``J`` with each task's row rescaled by 0.8 to 1.25: the next step's task grads."""
+    s = np.exp(np.random.default_rng(seed + 1).uniform(np.log(0.8), np.log(1.25), J.shape[0]))
+    return J * s.astype(np.float32)[:, None]
 
 
 def jax_reference_benches(grads, T: int, P: int) -> list[Bench]:
@@ -292,7 +305,11 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
     one_copy = 4 * P
 
     all_specs = specs(T)
-    methods = [method_bench(s, grads, params, losses, T) for s in all_specs]
+    next_grads = {"w": jnp.asarray(perturbed(J, seed))}
+    methods = [
+        method_bench(s, grads, params, losses, T, next_grads if s.warm else None) for s in all_specs
+    ]
+    del next_grads
     refs = jax_reference_benches(grads, T, P)
     floors = numpy_benches(J)
     torch, tjd = load_torch(threads) if use_torch else (None, None)
@@ -465,34 +482,42 @@ def write_sweep(rows: list[dict], out_dir: Path, have_torch: bool, threads: int)
         return
     methods = list(dict.fromkeys(r["method"] for r in rows))
     Ts = sorted({r["T"] for r in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 4), sharey=True)
-    axes = np.atleast_1d(axes)
+    ncols = 3
+    nrows = -(-(len(methods) + 1) // ncols)  # one more panel for the legend
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    axes = axes.ravel()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, m in zip(axes, methods, strict=True):
+    for ax, m in zip(axes, methods, strict=False):
         for i, T in enumerate(Ts):
             sel = sorted(
                 (r for r in rows if r["method"] == m and r["T"] == T), key=lambda r: r["P"]
             )
             P = [r["P"] for r in sel]
             c = colors[i % len(colors)]
-            ax.plot(P, [r["ms"] for r in sel], "-o", color=c, label=f"mtlopt T={T}")
+            ax.plot(P, [r["ms"] for r in sel], "-o", color=c, label=f"mtlopt, T={T}")
             if any(r["torchjd_ms"] is not None for r in sel):
                 ax.plot(
                     P,
                     [r["torchjd_ms"] if r["torchjd_ms"] is not None else np.nan for r in sel],
                     "--s",
                     color=c,
-                    label=f"TorchJD T={T}",
+                    label=f"TorchJD, T={T}",
                 )
-            ax.plot(P, [r["floor_ms"] for r in sel], ":", color=c, label=f"numpy floor T={T}")
+            ax.plot(P, [r["floor_ms"] for r in sel], ":", color=c, label=f"numpy floor, T={T}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(m)
+        ax.set_title(m if m != "db_mtl" else "db_mtl (no TorchJD peer)")
         ax.set_xlabel("P (parameters)")
+        ax.set_ylabel("median ms per call")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("median ms per call")
-    axes[-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"float32 task grads, CPU, {threads} threads (dashed: TorchJD, dotted: numpy)")
+    handles, labels = axes[methods.index("mean")].get_legend_handles_labels()
+    for ax in axes[len(methods) :]:
+        ax.axis("off")
+    axes[len(methods)].legend(handles, labels, loc="center", fontsize=9)
+    fig.suptitle(
+        f"float32 task grads, CPU, {threads} threads "
+        "(solid: mtlopt, dashed: TorchJD, dotted: numpy floor)"
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "aggregation_sweep.png", dpi=110)
     print(f"wrote {out_dir / 'aggregation_sweep.png'}")

@@ -1,6 +1,7 @@
 """mtlopt: multi-task optimization methods as optax gradient transformations."""
 
 from mtlopt._src.grad import task_value_and_grad as task_value_and_grad
+from mtlopt._src.gramian_mode import weights_from_gramian as weights_from_gramian
 from mtlopt._src.inspect import task_weights as task_weights
 from mtlopt._src.methods.balancing import DBMTLState as DBMTLState
 from mtlopt._src.methods.balancing import LogTransformState as LogTransformState
@@ -46,4 +47,5 @@ __all__ = [
     "pcgrad",
     "task_value_and_grad",
     "task_weights",
+    "weights_from_gramian",
 ]

@@ -31,7 +31,8 @@ def test_aggregation_quick():
         "pcgrad()",
         "db_mtl(T)",
         "log_transform()",
-        "mtlopt.gramian",
+        "mtlopt.gramian(grads)",
+        "mtlopt.combine(w, grads)",
         "numpy w @ J",
         "numpy J @ J.T",
     ]:

@@ -325,3 +325,14 @@ def test_task_mask_leaves_masked_state_alone():
     for old, cur in zip(state.ema_grads, new.ema_grads, strict=True):
         np.testing.assert_array_equal(cur[1], old[1])
         assert not np.array_equal(cur[0], old[0])
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.name != "db_mtl"], ids=repr)
+def test_weights_from_gramian_match_the_full_path(row):
+    J = inputs.random_matrix(T, seed=9)
+    tx, update = cached(row, T)
+    extra = {"task_losses": inputs.losses(T)} if row.needs_losses else {}
+    _, state = update(inputs.from_matrix(J), tx.init(inputs.params()), **extra)
+    G = jnp.asarray(J.astype(np.float64) @ J.T.astype(np.float64), jnp.float32)
+    w, _ = jax.jit(lambda G: mtlopt.weights_from_gramian(tx, G, **extra))(G)
+    np.testing.assert_allclose(w, mtlopt.task_weights(state), rtol=1e-4, atol=1e-5)

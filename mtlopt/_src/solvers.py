@@ -23,6 +23,9 @@ from jax import lax
 from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
+import os
+FACE_ENTER = bool(int(os.environ.get('FACE_ENTER', '1')))
+SCHEDULE = os.environ.get('SCHEDULE', 'fallback')
 
 
 class SolverInfo(NamedTuple):
@@ -197,11 +200,16 @@ def minimize_on_simplex(
             stall=jnp.where(accept & (f_new < c.f), 0, c.stall + 1),
         )
 
-    steps = 0.5 ** jnp.arange(num_backtracks, dtype=dtype)
+    steps = 0.25 ** jnp.arange(num_backtracks, dtype=dtype)
 
     def newton(c):
+        lam = jnp.dot(c.g, c.w, precision=HIGHEST)
+        # The face: the support, and the zero coordinates whose gradient asks to enter.
         support = mask & (c.w > 0)
-        d = _newton_direction(hessian(c.w), c.g, support)
+        entering = mask & (c.w <= 0) & (c.g < lam)
+        face = support | (entering if FACE_ENTER else False)
+        d = _newton_direction(hessian(c.w), c.g, face)
+        d = jnp.where(support, d, jnp.maximum(d, 0.0))
         # (a) steps along d, the longest one that stays feasible and shorter ones (F need not be
         # quadratic); the blocking coordinates of the longest are set to 0;
         shrink = support & (d < 0)
@@ -209,8 +217,9 @@ def minimize_on_simplex(
         alpha = jnp.minimum(jnp.min(ratio), 1.0)
         wa = jnp.maximum(c.w[None, :] + (alpha * steps)[:, None] * d[None, :], 0.0)
         wa = wa.at[0].set(jnp.where(ratio <= alpha, 0.0, wa[0]))
-        # (b) the same steps without the ratio test, projected back onto the simplex.
-        wb = jax.vmap(lambda s: project(c.w + s * d, mask))(steps)
+        # (b) steps of at most 1 in each coordinate without the ratio test, projected back.
+        base = 1.0 / jnp.maximum(jnp.max(jnp.abs(d)), 1.0)
+        wb = jax.vmap(lambda s: project(c.w + (base * s) * d, mask))(steps)
         cands = jnp.concatenate([wa, wb])
         cands = cands / jnp.maximum(jnp.sum(cands, axis=1, keepdims=True), jnp.finfo(dtype).tiny)
         fs, gs = jax.vmap(value_and_grad)(cands)
@@ -218,7 +227,7 @@ def minimize_on_simplex(
         best = jnp.argmin(fs)
         w_new, f_new, g_new = cands[best], fs[best], gs[best]
         accept = f_new < c.f
-        return _Carry(
+        out = _Carry(
             w=jnp.where(accept, w_new, c.w),
             y=jnp.where(accept, w_new, c.y),
             t=jnp.where(accept, 1.0, c.t),
@@ -228,13 +237,20 @@ def minimize_on_simplex(
             k=c.k + 1,
             stall=jnp.where(accept, 0, c.stall + 1),
         )
+        return out, accept
 
     if hessian is None:
         body = fista
+    elif SCHEDULE == "alternate":
+
+        def body(c):
+            return lax.cond(c.k % newton_every == 0, lambda c: newton(c)[0], fista, c)
+
     else:
 
         def body(c):
-            return lax.cond(c.k % newton_every == 0, newton, fista, c)
+            cn, ok = newton(c)
+            return lax.cond(ok, lambda: cn, lambda: fista(c))
 
     out = lax.while_loop(cond, body, carry)
     return out.w, SolverInfo(out.k, out.gap, out.gap <= tol)
