@@ -318,10 +318,15 @@ def test_task_mask_leaves_masked_state_alone():
     tx = mtlopt.db_mtl(T)
     state = tx.init(inputs.params())
     update = jax.jit(tx.update)
-    _, state = update(inputs.from_matrix(inputs.random_matrix(T)), state,
-                      task_losses=inputs.losses(T))
-    _, new = update(inputs.from_matrix(inputs.random_matrix(T, seed=3)), state,
-                    task_losses=inputs.losses(T), task_mask=jnp.array([True, False, True]))
+    _, state = update(
+        inputs.from_matrix(inputs.random_matrix(T)), state, task_losses=inputs.losses(T)
+    )
+    _, new = update(
+        inputs.from_matrix(inputs.random_matrix(T, seed=3)),
+        state,
+        task_losses=inputs.losses(T),
+        task_mask=jnp.array([True, False, True]),
+    )
     for old, cur in zip(state.ema_grads, new.ema_grads, strict=True):
         np.testing.assert_array_equal(cur[1], old[1])
         assert not np.array_equal(cur[0], old[0])

@@ -15,9 +15,10 @@ import mtlopt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(mtlopt.__path__, "mtlopt.") if not m.ispkg
-) + ["mtlopt"]
+MODULES = [
+    *sorted(m.name for m in pkgutil.walk_packages(mtlopt.__path__, "mtlopt.") if not m.ispkg),
+    "mtlopt",
+]
 
 
 def test_readme_has_python_blocks():

@@ -87,11 +87,17 @@ def test_mgda_normalizations_match_scipy(normalization):
     D = J / n[:, None]
     GD = D @ D.T
     res = scipy.optimize.minimize(
-        lambda w: w @ GD @ w, np.ones(4) / 4, jac=lambda w: 2 * GD @ w, method="SLSQP",
-        bounds=[(0, 1)] * 4, constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-        options={"ftol": 1e-14, "maxiter": 1000})
-    u, s = _update(mtlopt.mgda(normalization, num_tasks=4), J,
-                   task_losses=jnp.asarray(losses, jnp.float32))
+        lambda w: w @ GD @ w,
+        np.ones(4) / 4,
+        jac=lambda w: 2 * GD @ w,
+        method="SLSQP",
+        bounds=[(0, 1)] * 4,
+        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
+    u, s = _update(
+        mtlopt.mgda(normalization, num_tasks=4), J, task_losses=jnp.asarray(losses, jnp.float32)
+    )
     ref = res.x @ D
     np.testing.assert_allclose(u, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
     np.testing.assert_allclose(mtlopt.task_weights(s), res.x / n, rtol=2e-3, atol=1e-4)
@@ -115,8 +121,13 @@ def _cagrad_primal(J, c, b=None):
     cons = [{"type": "ineq", "fun": lambda x, t=t: J[t] @ x[:P] - x[P]} for t in range(T)]
     cons.append({"type": "ineq", "fun": lambda x: r * r - np.sum((x[:P] - g0) ** 2)})
     x0 = np.concatenate([g0, [np.min(J @ g0)]])
-    res = scipy.optimize.minimize(lambda x: -x[P], x0, method="SLSQP", constraints=cons,
-                                  options={"ftol": 1e-14, "maxiter": 2000})
+    res = scipy.optimize.minimize(
+        lambda x: -x[P],
+        x0,
+        method="SLSQP",
+        constraints=cons,
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
     return res.x[:P]
 
 
@@ -268,10 +279,8 @@ def test_pcgrad_gramian_space_matches_explicit_projections(seed):
     J = rng.normal(size=(T, 8))
     J[1] = -J[0] + 0.1 * J[1]
     orders = np.stack([rng.permutation(T) for _ in range(T)])
-    w = pcgrad_weights(jnp.asarray(J @ J.T, jnp.float32), jnp.asarray(orders),
-                       jnp.ones(T, bool))
-    np.testing.assert_allclose(np.asarray(w) @ J, _pcgrad_numpy(J, orders), rtol=1e-4,
-                               atol=1e-5)
+    w = pcgrad_weights(jnp.asarray(J @ J.T, jnp.float32), jnp.asarray(orders), jnp.ones(T, bool))
+    np.testing.assert_allclose(np.asarray(w) @ J, _pcgrad_numpy(J, orders), rtol=1e-4, atol=1e-5)
 
 
 def test_pcgrad_seeds_differ_and_repeat():
@@ -336,8 +345,9 @@ def test_db_mtl_matches_numpy_recurrence():
     for k in range(1, 5):
         J = rng.normal(size=(T, P)) * np.array([[0.1], [1.0], [10.0]])
         losses = rng.uniform(0.1, 5.0, T)
-        u, state = update(jnp.asarray(J, jnp.float32), state,
-                          task_losses=jnp.asarray(losses, jnp.float32))
+        u, state = update(
+            jnp.asarray(J, jnp.float32), state, task_losses=jnp.asarray(losses, jnp.float32)
+        )
         g = J / (losses[:, None] + eps)
         bk = beta / k**sigma
         ema = g + bk * (ema - g)
@@ -360,17 +370,26 @@ def test_db_mtl_first_update_has_one_minus_beta_scale():
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: mtlopt.cagrad(num_tasks=2), lambda: mtlopt.mgda(num_tasks=2),
-             lambda: mtlopt.pcgrad(num_tasks=2), lambda: mtlopt.mean(num_tasks=2),
-             lambda: mtlopt.db_mtl(2, beta=0.0)])
+    "make",
+    [
+        lambda: mtlopt.cagrad(num_tasks=2),
+        lambda: mtlopt.mgda(num_tasks=2),
+        lambda: mtlopt.pcgrad(num_tasks=2),
+        lambda: mtlopt.mean(num_tasks=2),
+        lambda: mtlopt.db_mtl(2, beta=0.0),
+    ],
+)
 def test_task_specific_leaves(make):
     rng = _rng(18)
     trunk = rng.normal(size=(2, 6)).astype(np.float32)
     trunk[1] = -0.5 * trunk[0] + trunk[1]
     head_a = np.stack([rng.normal(size=3), np.zeros(3)]).astype(np.float32)
     head_b = np.stack([np.zeros(3), rng.normal(size=3)]).astype(np.float32)
-    grads = {"trunk": jnp.asarray(trunk), "head_a": jnp.asarray(head_a),
-             "head_b": jnp.asarray(head_b)}
+    grads = {
+        "trunk": jnp.asarray(trunk),
+        "head_a": jnp.asarray(head_a),
+        "head_b": jnp.asarray(head_b),
+    }
     params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
     mask = {"trunk": False, "head_a": True, "head_b": True}
     losses = jnp.array([2.0, 0.5])
@@ -379,8 +398,9 @@ def test_task_specific_leaves(make):
     ctor_with_mask = _with_task_specific(make, mask)
     u, s = jax.jit(ctor_with_mask.update)(grads, ctor_with_mask.init(params), task_losses=losses)
     # Shared part: as if only the trunk existed.
-    ref, _ = jax.jit(full.update)({"trunk": grads["trunk"]}, full.init({"trunk": params["trunk"]}),
-                                  task_losses=losses)
+    ref, _ = jax.jit(full.update)(
+        {"trunk": grads["trunk"]}, full.init({"trunk": params["trunk"]}), task_losses=losses
+    )
     np.testing.assert_allclose(u["trunk"], ref["trunk"], rtol=1e-5, atol=1e-6)
     # Heads: their own task's gradient (for DB-MTL, of the log loss).
     scale = 1.0 / (np.asarray(losses) + 1e-8) if "DBMTL" in type(s).__name__ else np.ones(2)
@@ -433,9 +453,9 @@ def test_task_value_and_grad_matches_jacrev():
     def with_aux(p, x):
         return losses(p, x), {"n": 3}
 
-    (l2, aux), g2 = mtlopt.task_value_and_grad(with_aux, has_aux=True)(p, x)
+    (_l2, aux), _g2 = mtlopt.task_value_and_grad(with_aux, has_aux=True)(p, x)
     assert aux == {"n": 3}
-    (gp, gx) = mtlopt.task_value_and_grad(losses, argnums=(0, 1))(p, x)[1]
+    (_gp, gx) = mtlopt.task_value_and_grad(losses, argnums=(0, 1))(p, x)[1]
     np.testing.assert_allclose(gx, jax.jacrev(losses, argnums=1)(p, x), rtol=1e-6)
     with pytest.raises(ValueError, match=r"mtlopt\.task_value_and_grad: fun must return a 1-D"):
         mtlopt.task_value_and_grad(lambda p, x: jnp.sum(p["w"]))(p, x)
@@ -444,8 +464,9 @@ def test_task_value_and_grad_matches_jacrev():
 def test_gramian_and_combine():
     J = _rng(19).normal(size=(3, 50000)).astype(np.float32)  # big enough for the chunked path
     tree = {"a": jnp.asarray(J[:, :20000].reshape(3, 100, 200)), "b": jnp.asarray(J[:, 20000:])}
-    np.testing.assert_allclose(mtlopt.gramian(tree), J.astype(np.float64) @ J.T.astype(
-        np.float64), rtol=1e-5)
+    np.testing.assert_allclose(
+        mtlopt.gramian(tree), J.astype(np.float64) @ J.T.astype(np.float64), rtol=1e-5
+    )
     w = np.array([0.2, -1.0, 3.0], np.float32)
     out = mtlopt.combine(jnp.asarray(w), tree)
     np.testing.assert_allclose(out["b"], w @ J[:, 20000:], rtol=1e-5, atol=1e-5)

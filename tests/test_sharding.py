@@ -18,7 +18,10 @@ def test_sharded_update_equals_single_device():
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, str(HERE / "sharding_check.py")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -50,17 +50,18 @@ def task_losses(params, x, y):
     return jnp.stack([ce, mse, bce])
 
 
+@functools.cache
 def make_tx(row):
     heads = {"trunk": {"w": False, "b": False}}
     heads.update({k: {"w": True, "b": True} for k in ("cls", "reg", "par")})
     return optax.chain(row.make(T, task_specific=heads), optax.adam(1e-2))
 
 
-def train(row, dtype, steps, params=None, opt_state=None, tx=None):
+@functools.cache
+def compiled_run(row, steps):
+    """One jitted ``lax.scan`` of ``steps`` training steps, shared by the tests of a row."""
+    tx = make_tx(row)
     x, y = digits()
-    tx = tx or make_tx(row)
-    params = init_params(dtype) if params is None else params
-    opt_state = tx.init(params) if opt_state is None else opt_state
 
     def step(carry, _):
         params, opt_state = carry
@@ -68,11 +69,15 @@ def train(row, dtype, steps, params=None, opt_state=None, tx=None):
         updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
         return (optax.apply_updates(params, updates), opt_state), losses
 
+    return jax.jit(lambda p, s: jax.lax.scan(step, (p, s), length=steps))
+
+
+def train(row, dtype, steps, params=None, opt_state=None):
+    params = init_params(dtype) if params is None else params
+    opt_state = make_tx(row).init(params) if opt_state is None else opt_state
     # The model and optax are user code here: jax's default promotion rules.
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        (params, opt_state), losses = jax.jit(
-            lambda p, s: jax.lax.scan(step, (p, s), length=steps)
-        )(params, opt_state)
+        (params, opt_state), losses = compiled_run(row, steps)(params, opt_state)
     return params, opt_state, np.asarray(losses)
 
 
@@ -108,12 +113,11 @@ def _save_restore_pickle(state, tmp_path):
 @pytest.mark.parametrize("row", ROWS, ids=repr)
 @pytest.mark.parametrize("how", ["orbax", "pickle"])
 def test_checkpoint_round_trip_is_bit_identical(row, how, tmp_path):
-    tx = make_tx(row)
-    params, opt_state, _ = train(row, jnp.float32, 5, tx=tx)
+    params, opt_state, _ = train(row, jnp.float32, 5)
     saver = _save_restore_orbax if how == "orbax" else _save_restore_pickle
     restored = saver(opt_state, str(tmp_path))
-    a_params, a_state, a_losses = train(row, jnp.float32, 5, params, opt_state, tx=tx)
-    b_params, b_state, b_losses = train(row, jnp.float32, 5, params, restored, tx=tx)
+    a_params, _a_state, a_losses = train(row, jnp.float32, 5, params, opt_state)
+    b_params, _b_state, b_losses = train(row, jnp.float32, 5, params, restored)
     np.testing.assert_array_equal(a_losses, b_losses)
     for a, b in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -52,8 +52,9 @@ def weights_from_gramian(
     """
     G = jnp.asarray(gramian, jnp.float32)
     if G.ndim != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
-        raise checks.fail("weights_from_gramian", f"gramian must be a square (T, T) matrix; got "
-                          f"shape {G.shape}.")
+        raise checks.fail(
+            "weights_from_gramian", f"gramian must be a square (T, T) matrix; got shape {G.shape}."
+        )
     T = G.shape[0]
     G = 0.5 * (G + G.T)
     lam, V = jnp.linalg.eigh(G)
@@ -63,6 +64,9 @@ def weights_from_gramian(
     _, new_state = tx.update(factor, state, **extra_args)
     w = task_weights(new_state)
     if w is None:
-        raise checks.fail("weights_from_gramian", "tx keeps no weights: build it with "
-                          f"num_tasks={T} (e.g. mtlopt.cagrad(num_tasks={T})).")
+        raise checks.fail(
+            "weights_from_gramian",
+            "tx keeps no weights: build it with "
+            f"num_tasks={T} (e.g. mtlopt.cagrad(num_tasks={T})).",
+        )
     return w, new_state

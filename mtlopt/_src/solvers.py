@@ -24,8 +24,9 @@ from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
 import os
-FACE_ENTER = bool(int(os.environ.get('FACE_ENTER', '1')))
-SCHEDULE = os.environ.get('SCHEDULE', 'fallback')
+
+FACE_ENTER = bool(int(os.environ.get("FACE_ENTER", "1")))
+SCHEDULE = os.environ.get("SCHEDULE", "fallback")
 
 
 class SolverInfo(NamedTuple):
@@ -83,6 +84,7 @@ def uniform(mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     m = mask.astype(dtype)
     return m / jnp.maximum(jnp.sum(m), 1.0)
 
+
 def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
 
@@ -107,8 +109,10 @@ def _newton_direction(H: jax.Array, g: jax.Array, support: jax.Array) -> jax.Arr
     A = Hs + eye * jnp.where(support, ridge, scale)
     K = jnp.block([[A, scale * on[:, None]], [scale * on[None, :], jnp.zeros((1, 1), dtype)]])
     Kexact = jnp.block(
-        [[Hs + eye * jnp.where(support, 0.0, scale), scale * on[:, None]],
-         [scale * on[None, :], jnp.zeros((1, 1), dtype)]]
+        [
+            [Hs + eye * jnp.where(support, 0.0, scale), scale * on[:, None]],
+            [scale * on[None, :], jnp.zeros((1, 1), dtype)],
+        ]
     )
     rhs = jnp.concatenate([jnp.where(support, -g, 0.0), jnp.zeros((1,), dtype)])
     lu = jax.scipy.linalg.lu_factor(K)
@@ -176,6 +180,15 @@ def minimize_on_simplex(
     f, g = value_and_grad(w)
     carry = _Carry(w, w, jnp.ones((), dtype), f, g, gap_of(w, f, g), jnp.int32(0), jnp.int32(0))
 
+    def progress(c, f_new):
+        # A decrease of F above its rounding level (F is a sum of terms of size <= max |grad|).
+        slack = (
+            8.0
+            * jnp.finfo(dtype).eps
+            * (jnp.abs(c.f) + jnp.max(jnp.abs(jnp.where(mask, c.g, 0.0))))
+        )
+        return f_new < c.f - slack
+
     def cond(c):
         return (c.gap > tol) & (c.k < max_iters) & (c.stall < patience)
 
@@ -197,7 +210,7 @@ def minimize_on_simplex(
             g=jnp.where(accept, g_new, c.g),
             gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
             k=c.k + 1,
-            stall=jnp.where(accept & (f_new < c.f), 0, c.stall + 1),
+            stall=jnp.where(accept & progress(c, f_new), 0, c.stall + 1),
         )
 
     steps = 0.25 ** jnp.arange(num_backtracks, dtype=dtype)
@@ -235,7 +248,7 @@ def minimize_on_simplex(
             g=jnp.where(accept, g_new, c.g),
             gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
             k=c.k + 1,
-            stall=jnp.where(accept, 0, c.stall + 1),
+            stall=jnp.where(progress(c, f_new), 0, c.stall + 1),
         )
         return out, accept
 
