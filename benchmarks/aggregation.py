@@ -103,6 +103,8 @@ def run_round_robin(
 ) -> None:
     """Warm-up calls, then ``repeats`` rounds of one timed call of each bench.
 
+    Each round starts one bench later than the last, so no bench always follows the same one.
+
     With ``budget_s``, the number of rounds is cut so that the rounds take about that long
     (at least 3), judged from the last warm-up round.
     """
@@ -114,8 +116,8 @@ def run_round_robin(
         round_s = time.perf_counter() - start
     if budget_s is not None and round_s > 0:
         repeats = max(3, min(repeats, int(budget_s / round_s)))
-    for _ in range(repeats):
-        for b in benches:
+    for r in range(repeats):
+        for b in benches[r % len(benches) :] + benches[: r % len(benches)]:  # no fixed order
             start = time.perf_counter()
             b.call()
             b.times.append(time.perf_counter() - start)

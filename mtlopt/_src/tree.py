@@ -37,32 +37,41 @@ def _dot_rows(a: jax.Array, b: jax.Array) -> jax.Array:
     )
 
 
-def _cpu_chunked_gramian(m: jax.Array) -> jax.Array:
+def _cpu_chunked_gramian(m: jax.Array, scale: jax.Array | None) -> jax.Array:
     T, P = m.shape
     n = P // _CHUNK_COLUMNS
 
+    def block(chunk):
+        chunk = chunk if scale is None else chunk.astype(jnp.float32) * scale
+        return _dot_rows(chunk, chunk)
+
     def body(i, acc):
-        chunk = lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1)
-        return acc + _dot_rows(chunk, chunk)
+        return acc + block(lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1))
 
     acc = lax.fori_loop(0, n, body, jnp.zeros((T, T), jnp.float32))
-    rest = m[:, n * _CHUNK_COLUMNS :]
-    return acc + _dot_rows(rest, rest)
+    return acc + block(m[:, n * _CHUNK_COLUMNS :])
 
 
-def _leaf_gramian(x: jax.Array) -> jax.Array:
+def _leaf_gramian(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     m = _as_matrix(x)
     if m.shape[1] <= _SMALL_LEAF:
+        m = m if scale is None else m.astype(jnp.float32) * scale
         return _dot_rows(m, m)
-    # GPU/TPU: one dot is right (cuBLAS/MXU); XLA:CPU: the chunked loop (numbers above).
-    return lax.platform_dependent(m, cpu=_cpu_chunked_gramian, default=lambda m: _dot_rows(m, m))
+    # GPU/TPU: one dot is right (cuBLAS/MXU); XLA:CPU: the chunked loop (numbers above), which
+    # also applies ``scale`` chunk by chunk, so the pre-scaled path never copies the grads.
+    one_dot = lambda m: _dot_rows(
+        m if scale is None else m.astype(jnp.float32) * scale,
+        m if scale is None else m.astype(jnp.float32) * scale,
+    )
+    return lax.platform_dependent(m, cpu=lambda m: _cpu_chunked_gramian(m, scale), default=one_dot)
 
 
-def gramian(task_grads: Any) -> jax.Array:
+def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
     """The ``(T, T)`` Gramian ``G[s, t] = <grad_s, grad_t>``, summed over all leaves.
 
     Accumulated in float32 at ``Precision.HIGHEST`` whatever the leaves' dtype, so TF32 or
-    bfloat16 matmul units do not change it.
+    bfloat16 matmul units do not change it. With ``scale``, the Gramian of ``scale * grads``
+    (applied chunk by chunk, without a scaled copy).
 
     Examples:
         >>> import jax.numpy as jnp, mtlopt
@@ -72,14 +81,18 @@ def gramian(task_grads: Any) -> jax.Array:
                [1., 2.]], dtype=float32)
     """
     leaves = jax.tree.leaves(task_grads)
-    return sum(_leaf_gramian(x) for x in leaves[1:]) + _leaf_gramian(leaves[0])
+    return sum(_leaf_gramian(x, scale) for x in leaves[1:]) + _leaf_gramian(leaves[0], scale)
 
 
-def sq_norms(task_grads: Any) -> jax.Array:
-    """The ``(T,)`` squared norms of the task gradients (the Gramian's diagonal), float32."""
+def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
+    """The ``(T,)`` squared norms of the task gradients (the Gramian's diagonal), float32.
+
+    With ``scale``, those of ``scale * grads`` (fused into the reduction, no copy).
+    """
 
     def leaf(x):
         m = _as_matrix(x).astype(jnp.float32)
+        m = m if scale is None else m * scale
         return jnp.sum(m * m, axis=1)
 
     return sum(leaf(x) for x in jax.tree.leaves(task_grads))

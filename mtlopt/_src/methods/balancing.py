@@ -162,6 +162,12 @@ def db_mtl(
         k = (ctx.state.count + 1).astype(jnp.float32)
         beta_k = beta / k**beta_sigma
         keep = ctx.mask
+        ok = jnp.asarray(True)
+        if nonfinite == "skip":
+            # Decide before writing the EMA, from the inputs (one reduction over the grads),
+            # rather than select between the old and new EMA afterwards (a T x P copy).
+            ok = jnp.all(jnp.isfinite(jnp.where(keep, scales, 0.0))) & tree.all_finite(shared)
+            keep = keep & ok
 
         def leaf(g, old):
             rows = (-1,) + (1,) * (g.ndim - 1)
@@ -170,7 +176,7 @@ def db_mtl(
             return jnp.where(keep.reshape(rows), new, old)
 
         ema = [leaf(g, old) for g, old in zip(shared, ctx.state.ema_grads, strict=True)]
-        return ema, {"ema_grads": ema}
+        return ema, {"ema_grads": ema}, ok
 
     def weights_fn(ctx: build.Context):
         norms = jnp.sqrt(jnp.maximum(ctx.gram, 0.0))
@@ -187,6 +193,7 @@ def db_mtl(
         needs_losses=True,
         prepare=prepare,
         head_scales=lambda losses: log_scales(losses, eps),
+        guarded=("ema_grads",),
     )
     return build.aggregator(
         method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
