@@ -481,3 +481,18 @@ def test_task_weights_searches_nested_states():
         _, state = tx.update(jnp.eye(2, 3), state, jnp.zeros(3), task_losses=jnp.ones(2))
     np.testing.assert_allclose(mtlopt.task_weights(state), [0.5, 0.5], atol=1e-5)
     assert mtlopt.task_weights((optax.EmptyState(),)) is None
+
+
+def test_gramian_of_bfloat16_is_exact_float32_accumulation():
+    rng = _rng(20)
+    J = jnp.asarray(rng.normal(size=(4, 30000)), jnp.bfloat16)  # chunked path included
+    ref = np.asarray(J, np.float64) @ np.asarray(J, np.float64).T
+    got = mtlopt.gramian({"a": J[:, :1000], "b": J[:, 1000:]})
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-3)
+    w = jnp.array([0.1, -0.2, 0.3, 0.4])
+    out = mtlopt.combine(w, {"a": J})["a"]
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float64),
+                               np.asarray(w, np.float64) @ np.asarray(J, np.float64),
+                               rtol=1e-2, atol=1e-2)
