@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+import pytest
 
 import mtlopt
 
@@ -24,6 +25,7 @@ class Row:
     order_free: bool = True  # permuting the tasks leaves the update unchanged
     stateful_weights: bool = True  # task_weights(state) is an array when built with num_tasks
     kind: str = "aggregator"  # or "task_transform"
+    variant: bool = False  # a second setting of a method above: skipped by the heaviest tests
     # Scale of the update for T = 1 relative to the gradient (None: only the direction).
     t1_scale: Callable[[float], float] | None = lambda loss: 1.0
 
@@ -60,15 +62,17 @@ ROWS = [
         "cagrad_rescale0",
         lambda T, **k: mtlopt.cagrad(c=0.5, rescale=0, num_tasks=T, **k),
         t1_scale=lambda loss: 1.5,
+        variant=True,
     ),
-    Row("cagrad_c0", lambda T, **k: mtlopt.cagrad(c=0.0, num_tasks=T, **k)),
+    Row("cagrad_c0", lambda T, **k: mtlopt.cagrad(c=0.0, num_tasks=T, **k), variant=True),
     Row("mgda", lambda T, **k: mtlopt.mgda(num_tasks=T, **k)),
-    Row("mgda_l2", lambda T, **k: mtlopt.mgda("l2", num_tasks=T, **k), t1_scale=None),
+    Row("mgda_l2", lambda T, **k: mtlopt.mgda("l2", num_tasks=T, **k), t1_scale=None, variant=True),
     Row(
         "mgda_loss+",
         lambda T, **k: mtlopt.mgda("loss+", num_tasks=T, **k),
         needs_losses=True,
         t1_scale=None,
+        variant=True,
     ),
     Row("pcgrad", lambda T, **k: mtlopt.pcgrad(seed=0, num_tasks=T, **k), order_free=False),
     Row(
@@ -82,6 +86,9 @@ ROWS = [
 
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
+# The heaviest tests (whole training runs) run every method once by default; the variants
+# (other settings of the same method) run with -m slow.
+HEAVY = [pytest.param(r, marks=pytest.mark.slow) if r.variant else r for r in AGGREGATORS]
 
 
 @functools.cache

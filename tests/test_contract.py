@@ -281,10 +281,14 @@ def test_nonfinite_inputs_skip_the_step(row):
         chex.assert_trees_all_equal(new._replace(skipped=state.skipped), state)
         assert int(new.skipped) == int(state.skipped) + 1
     tx_p = row.make(T, nonfinite="propagate")
+    state_p = tx_p.init(inputs.params())
+    _, state_p = _step(row, J, tx=tx_p, state=state_p)
     Jb = J.copy()
     Jb[1, 3] = np.nan
-    u, _ = _step(row, Jb, tx=tx_p)
-    assert not np.all(np.isfinite(inputs.flat(u)))
+    u, new_p = _step(row, Jb, tx=tx_p, state=state_p)
+    assert not np.all(np.isfinite(inputs.flat(u)))  # the NaN goes on down the chain
+    chex.assert_trees_all_equal(new_p._replace(skipped=state_p.skipped), state_p)
+    assert int(new_p.skipped) == int(state_p.skipped) + 1
 
 
 @pytest.mark.parametrize("row", ROWS, ids=repr)
@@ -341,3 +345,53 @@ def test_weights_from_gramian_match_the_full_path(row):
     G = jnp.asarray(J.astype(np.float64) @ J.T.astype(np.float64), jnp.float32)
     w, _ = jax.jit(lambda G: mtlopt.weights_from_gramian(tx, G, **extra))(G)
     np.testing.assert_allclose(w, mtlopt.task_weights(state), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not r.variant], ids=repr)
+def test_composes_with_apply_if_finite(row):
+    """With nonfinite="propagate", optax.apply_if_finite after the aggregator skips Adam."""
+    tx = optax.chain(
+        row.make(T, nonfinite="propagate"), optax.apply_if_finite(optax.adam(1e-2), 3)
+    )
+    extra = {"task_losses": inputs.losses(T)} if row.needs_losses else {}
+    J = inputs.random_matrix(T, seed=10)
+    Jn = J.copy()
+    Jn[0, 0] = np.nan
+    with jax.numpy_dtype_promotion("standard"):
+        state = tx.init(inputs.params())
+        update = jax.jit(tx.update)
+        _, state = update(inputs.from_matrix(J), state, inputs.params(), **extra)
+        u, bad = update(inputs.from_matrix(Jn), state, inputs.params(), **extra)
+    np.testing.assert_array_equal(inputs.flat(u), 0.0)
+    assert int(bad[1].notfinite_count) == 1
+    chex.assert_trees_all_equal(bad[1].inner_state, state[1].inner_state)  # Adam untouched
+    chex.assert_trees_all_equal(bad[0]._replace(skipped=state[0].skipped), state[0])
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.needs_losses], ids=repr)
+def test_losses_out_of_the_log_domain_stay_finite(row):
+    J = inputs.random_matrix(T, seed=11)
+    tx, update = cached(row, T)
+    u, state = update(
+        inputs.from_matrix(J), tx.init(inputs.params()), task_losses=jnp.array([-1.0, 0.0, 2.0])
+    )
+    assert np.all(np.isfinite(inputs.flat(u)))
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not r.variant], ids=repr)
+def test_hundred_step_loop_traces_update_once(row):
+    tx, _ = cached(row, T)
+    traces = []
+    extra = {"task_losses": inputs.losses(T)} if row.needs_losses else {}
+
+    def update(grads, state):
+        traces.append(1)
+        return tx.update(grads, state, **extra)
+
+    step = jax.jit(update)
+    state = tx.init(inputs.params())
+    grads = inputs.from_matrix(inputs.random_matrix(T, seed=12))
+    for _ in range(100):
+        _, state = step(grads, state)
+    assert len(traces) == 1
+    assert int(state.count) == 100

@@ -493,6 +493,9 @@ def test_gramian_of_bfloat16_is_exact_float32_accumulation():
     w = jnp.array([0.1, -0.2, 0.3, 0.4])
     out = mtlopt.combine(w, {"a": J})["a"]
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float64),
-                               np.asarray(w, np.float64) @ np.asarray(J, np.float64),
-                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64),
+        np.asarray(w, np.float64) @ np.asarray(J, np.float64),
+        rtol=1e-2,
+        atol=1e-2,
+    )

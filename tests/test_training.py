@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import mtlopt
-from tests.registry import AGGREGATORS, ROWS
+from tests.registry import HEAVY, ROWS
 
 T = 3  # digit class (10-way), digit value (regression), parity (binary)
 
@@ -81,7 +81,7 @@ def train(row, dtype, steps, params=None, opt_state=None):
     return params, opt_state, np.asarray(losses)
 
 
-@pytest.mark.parametrize("row", AGGREGATORS, ids=repr)
+@pytest.mark.parametrize("row", HEAVY, ids=repr)
 def test_bfloat16_trains_like_float32(row):
     steps = 60
     _, _, l32 = train(row, jnp.float32, steps)
@@ -110,7 +110,7 @@ def _save_restore_pickle(state, tmp_path):
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in pickle.loads(blob)])
 
 
-@pytest.mark.parametrize("row", ROWS, ids=repr)
+@pytest.mark.parametrize("row", HEAVY, ids=repr)
 @pytest.mark.parametrize("how", ["orbax", "pickle"])
 def test_checkpoint_round_trip_is_bit_identical(row, how, tmp_path):
     params, opt_state, _ = train(row, jnp.float32, 5)

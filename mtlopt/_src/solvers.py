@@ -37,6 +37,9 @@ from jax import lax
 from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
+import os
+
+NEWTON = bool(int(os.environ.get("NEWTON", "1")))
 
 
 class SolverInfo(NamedTuple):
@@ -243,15 +246,17 @@ def minimize_on_simplex(
     def active_set_step(c):
         lam = jnp.dot(c.g, c.w, precision=HIGHEST)
         support = mask & (c.w > 0)
-        # The face: the support and the zero coordinates whose gradient asks to enter.
-        face = support | (mask & (c.g < lam))
+        # Two faces: the support, and the support with the zero coordinates whose gradient
+        # asks to enter (the Frank-Wolfe gap's direction).
+        faces = (support, support | (mask & (c.g < lam)))
         directions = []
-        if hessian is not None:
-            top = -c.g[:, None]
-            d = _kkt_solve(hessian(c.w), top, jnp.zeros((1,), dtype), face)[:, 0]
-            directions.append(d)
-        if face_target is not None:
-            directions.append(face_target(c.w, face) - c.w)
+        for face in faces:
+            if hessian is not None and (NEWTON or face_target is None):
+                top = -c.g[:, None]
+                d = _kkt_solve(hessian(c.w), top, jnp.zeros((1,), dtype), face)[:, 0]
+                directions.append(d)
+            if face_target is not None:
+                directions.append(face_target(c.w, face) - c.w)
         cands = []
         for d in directions:
             d = jnp.where(support, d, jnp.maximum(d, 0.0))  # entering coordinates only grow

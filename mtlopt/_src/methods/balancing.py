@@ -162,12 +162,10 @@ def db_mtl(
         k = (ctx.state.count + 1).astype(jnp.float32)
         beta_k = beta / k**beta_sigma
         keep = ctx.mask
-        ok = jnp.asarray(True)
-        if nonfinite == "skip":
-            # Decide before writing the EMA, from the inputs (one reduction over the grads),
-            # rather than select between the old and new EMA afterwards (a T x P copy).
-            ok = jnp.all(jnp.isfinite(jnp.where(keep, scales, 0.0))) & tree.all_finite(shared)
-            keep = keep & ok
+        # Decide before writing the EMA, from the inputs (one reduction over the grads),
+        # rather than select between the old and new EMA afterwards (a T x P copy).
+        ok = jnp.all(jnp.isfinite(jnp.where(keep, scales, 0.0))) & tree.all_finite(shared)
+        keep = keep & ok
 
         def leaf(g, old):
             rows = (-1,) + (1,) * (g.ndim - 1)

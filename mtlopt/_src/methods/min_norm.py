@@ -203,10 +203,10 @@ def cagrad(
         like the params, or a callable mapping such a tree to one. Those leaves stay out of the
         Gramian and the solve; each follows its own task's gradient (``sum_t`` of its rows).
         Every method takes this argument.
-      nonfinite: ``"skip"`` (default): a step whose weights or update are not finite (NaN or
-        inf in the task grads or losses) returns a zero update and leaves the state as it
-        was, counting the step in ``state.skipped``. ``"propagate"``: no check. Every method
-        takes this argument.
+      nonfinite: what a step with NaN or inf in the task grads, losses, weights or update
+        does. Either way the state is left as it was and ``state.skipped`` counts the step;
+        the update is zeros with ``"skip"`` (default), or NaN with ``"propagate"``, so that ``optax.apply_if_finite`` further down the chain skips the
+        optimizer too. Every method takes this argument.
 
     Cost:
       Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
