@@ -98,8 +98,11 @@ def test_norms_from_1e_minus_20_to_1e20(row):
     scales = np.logspace(-20, 20, 5)
     J = rng.normal(size=(5, 8)) * scales[:, None]
     u, _ = _run(row, J)
-    if row.name == "mgda":  # the min-norm point sits at the tiniest gradient
-        assert np.linalg.norm(u) <= 10 * np.linalg.norm(J[0])
+    if row.name == "mgda":
+        # The min-norm point sits at the tiniest gradients. In float32 the Gramian is
+        # pre-scaled by the largest norm (1e20), so tasks more than ~1e19 below it count as
+        # zero (documented): the answer is then in the hull of those, here the first three.
+        assert np.linalg.norm(u) <= 1.01 * np.linalg.norm(J[2])
 
 
 @st.composite

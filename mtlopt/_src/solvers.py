@@ -2,24 +2,28 @@
 
 One solver serves every method that minimises a convex function over the probability
 simplex (MGDA's min-norm point, CAGrad's dual). It is an active-set method for these small
-dense problems:
+dense problems; each step:
 
-* a Newton step on the current face (the support, plus the zero coordinates whose gradient
-  asks to enter), and for CAGrad the exact minimiser of the dual on that face, each followed
-  along its direction with a ratio test (the blocking coordinates leave the support) and,
-  as an alternative, projected back onto the simplex, at a few step lengths (the best value
-  is taken, and only when it decreases F);
-* when neither decreases F, an accelerated projected-gradient step (FISTA with
-  function-value restarts, the simplex projection of ``optax.projections``), which
-  guarantees progress and lets new coordinates in.
+* solves, in one batched LU factorisation, the Newton step of F on two faces (the support,
+  and the support plus the zero coordinates whose gradient asks to enter) and, for CAGrad,
+  the exact minimiser of F on the affine hull of each face;
+* follows each direction at 8 step lengths, with a ratio test (the blocking coordinates leave
+  the support) and, as an alternative, projected back onto the simplex
+  (``optax.projections``);
+* takes the candidate of lowest F when that lowers F beyond rounding, otherwise the one of
+  smallest duality gap among those no higher (near the optimum F is flat to second order while
+  the gap is first order: in float32 only the gap still shows progress);
+* and when no candidate qualifies, takes an accelerated projected-gradient step (FISTA with
+  function-value restarts), which guarantees progress and lets new coordinates in.
 
 It stops on the Frank-Wolfe duality gap, ``<grad F(w), w> - min_i grad F(w)_i``, an upper
 bound on ``F(w) - F*`` for convex F (or on ``F(w) - lower_bound`` where a lower bound on F* is
 known): when the gap is at most ``tol``, after ``max_iters`` steps, or after ``patience``
 steps in a row that did not lower F beyond its rounding (the floor of the dtype). The loop is
 a ``lax.while_loop``; it never raises, it reports (:class:`SolverInfo`). Warm-started from
-the previous step's solution it usually stops after one step: one Newton step on the right
-face is exact for MGDA, and so is the face solve for CAGrad.
+the previous step's solution it usually stops after one step: the Newton step on the right
+face is exact for MGDA, and so is the face solve for CAGrad; from the uniform weights it takes
+a few (up to ~40 on hard float32 problems, T <= 64).
 
 Callers hand in a trace-normalised Gramian (``trace = T``), so ``tol`` is relative to
 ``trace(G) / T`` and the same numbers suit gradients of any scale. Everything follows the
@@ -37,9 +41,6 @@ from jax import lax
 from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
-import os
-
-NEWTON = bool(int(os.environ.get("NEWTON", "1")))
 
 
 class SolverInfo(NamedTuple):
@@ -102,35 +103,65 @@ def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
 
 
-def _kkt_solve(H: jax.Array, top: jax.Array, bottom: jax.Array, face: jax.Array) -> jax.Array:
-    """Solves ``[[H_FF, 1], [1^T, 0]] [x; nu] = [top_F; bottom]`` for each column; ``x = 0`` off F.
+def _kkt_solve(
+    H: jax.Array, top: jax.Array, bottom: jax.Array, face: jax.Array, ridge: jax.Array
+) -> jax.Array:
+    """Solves ``[[H_FF, 1], [1^T, 0]] [x; nu] = [top_F; bottom]``, ``x = 0`` off the face F.
 
-    The system is padded to full size (identity rows off the face) and the border scaled to
-    ``H``'s diagonal. ``H_FF`` may be singular (rank-deficient Gramians): it gets a ridge of a
-    few ulps of its scale, and one step of iterative refinement recovers the unregularised
-    solution where that one is well determined. ``top`` is ``(T, k)``, ``bottom`` ``(k,)``.
+    Batched: ``H`` is ``(m, T, T)``, ``top`` ``(m, T, k)``, ``bottom`` ``(m, k)``, ``face``
+    ``(m, T)``, ``ridge`` ``(m,)``; one batched LU factorisation serves all ``m`` systems
+    (jaxlib 0.10's CPU LU can deadlock when two batched factorisations run at once, which
+    independent solves under ``vmap`` do on a 2-thread pool).
+
+    Each system is padded to full size (identity rows off the face) and equilibrated: rows and
+    columns are divided by ``sqrt(H_ii)``, so tasks whose gradients differ in norm by orders of
+    magnitude weigh alike in the factorisation. ``H_FF`` may be singular (rank-deficient
+    Gramians): the scaled matrix gets a ridge of ``ridge`` ulps, and two steps of iterative
+    refinement recover the unregularised solution where that one is well determined.
     """
-    T = H.shape[0]
+    m, T, _ = H.shape
     dtype = H.dtype
-    both = face[:, None] & face[None, :]
-    Hf = jnp.where(both, H, 0.0)
-    scale = jnp.max(jnp.where(face, jnp.abs(jnp.diagonal(H)), 0.0))
+    eps = jnp.finfo(dtype).eps
+    both = face[:, :, None] & face[:, None, :]
+    diag = jnp.abs(jnp.diagonal(H, axis1=1, axis2=2))  # (m, T)
+    scale = jnp.max(jnp.where(face, diag, 0.0), axis=1, keepdims=True)
     scale = jnp.where(scale > 0, scale, 1.0)
-    ridge = 64.0 * jnp.finfo(dtype).eps * scale
-    eye = jnp.eye(T, dtype=dtype)
-    border = scale * face.astype(dtype)
+    d = jnp.where(face, 1.0 / jnp.sqrt(jnp.maximum(diag, eps * eps * scale)), 1.0)  # (m, T)
+    S = jnp.where(both, H * d[:, :, None] * d[:, None, :], 0.0)
+    gamma = 1.0 / jnp.max(jnp.where(face, d, 0.0), axis=1, keepdims=True)
+    gamma = jnp.where(jnp.isfinite(gamma), gamma, 1.0)
+    border = jnp.where(face, gamma * d, 0.0)  # (m, T)
+    eye = jnp.eye(T, dtype=dtype)[None]
 
-    def kkt(diag):
-        return jnp.block(
-            [[Hf + eye * diag, border[:, None]], [border[None, :], jnp.zeros((1, 1), dtype)]]
-        )
+    def kkt(diagonal):  # (m, T): what is added to the diagonal of S
+        upper = jnp.concatenate([S + eye * diagonal[:, None, :], border[:, :, None]], axis=2)
+        lower = jnp.concatenate([border[:, None, :], jnp.zeros((m, 1, 1), dtype)], axis=2)
+        return jnp.concatenate([upper, lower], axis=1)
 
-    rhs = jnp.concatenate([jnp.where(face[:, None], top, 0.0), scale * bottom[None, :]])
-    lu = jax.scipy.linalg.lu_factor(kkt(jnp.where(face, ridge, scale)))
-    x = jax.scipy.linalg.lu_solve(lu, rhs)
-    residual = rhs - jnp.dot(kkt(jnp.where(face, 0.0, scale)), x, precision=HIGHEST)
-    x = x + jax.scipy.linalg.lu_solve(lu, residual)
-    return jnp.where(face[:, None], x[:T], 0.0)
+    rhs = jnp.concatenate(
+        [jnp.where(face[:, :, None], d[:, :, None] * top, 0.0), (gamma * bottom)[:, None]], 1
+    )
+    lu = jax.scipy.linalg.lu_factor(kkt(jnp.where(face, ridge[:, None] * eps, 1.0)))
+    solve = jax.vmap(jax.scipy.linalg.lu_solve)
+    y = solve(lu, rhs)
+    exact = kkt(jnp.where(face, 0.0, 1.0))
+    for _ in range(2):
+        y = y + solve(lu, rhs - jnp.einsum("mij,mjk->mik", exact, y, precision=HIGHEST))
+    return jnp.where(face[:, :, None], d[:, :, None] * y[:, :T], 0.0)
+
+
+class FaceSolve(NamedTuple):
+    """How to find the minimiser of F on the affine hull of a face from one KKT solve.
+
+    ``x = _kkt_solve(matrix, rhs, rhs_sum, face, ridge)`` (``rhs`` ``(T, k)``, ``rhs_sum``
+    ``(k,)``, ``ridge`` in ulps of the matrix's scale) and the point is ``finish(x)``.
+    """
+
+    matrix: jax.Array
+    rhs: jax.Array
+    rhs_sum: jax.Array
+    finish: Callable[[jax.Array], jax.Array]
+    ridge: float = 64.0
 
 
 class _Carry(NamedTuple):
@@ -154,9 +185,10 @@ def minimize_on_simplex(
     tol: float,
     max_iters: int,
     hessian: Callable[[jax.Array], jax.Array] | None = None,
-    face_target: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    face_solve: FaceSolve | None = None,
+    newton_ridge: float = 64.0,
     lower_bound: jax.Array | None = None,
-    patience: int = 16,
+    patience: int = 8,
     num_steps: int = 8,
 ) -> tuple[jax.Array, SolverInfo]:
     """Minimises a convex F over the simplex of the active tasks.
@@ -171,9 +203,10 @@ def minimize_on_simplex(
       max_iters: the iteration cap (static).
       hessian: optional ``w -> (T, T)`` Hessian of F: each step then first tries a Newton
         step on the current face.
-      face_target: optional ``(w, face) -> point``: the minimiser of F over the affine hull of
-        the face (or a far point in a direction of descent where F is unbounded there); each
-        step then also tries the move towards it.
+      face_solve: optional :class:`FaceSolve`, the minimiser of F over the affine hull of a
+        face (or a far point in a direction of descent where F is unbounded there); each step
+        then also tries the move towards it.
+      newton_ridge: the ridge added to the Newton system's Hessian, in ulps of its diagonal.
       lower_bound: optional lower bound on ``min F`` known in advance; the reported gap is the
         smaller of the Frank-Wolfe gap and ``F(w) - lower_bound``.
       patience: stop (unconverged) after this many steps in a row that did not lower the best
@@ -187,6 +220,7 @@ def minimize_on_simplex(
     dtype = w0.dtype if jnp.issubdtype(w0.dtype, jnp.floating) else jnp.float32
     w = project(w0.astype(dtype), mask)
     eps = jnp.finfo(dtype).eps
+    T = w.shape[0]
 
     def gap_of(w, f, g):
         gap = fw_gap(w, g, mask)
@@ -194,11 +228,14 @@ def minimize_on_simplex(
             gap = jnp.minimum(gap, f - lower_bound)
         return gap
 
+    def rounding(c):
+        # The rounding level of F, of the order of sum_i w_i |grad_i| for F = w^T G w and for
+        # CAGrad's dual (both have F(w) = <grad F(w), w> up to a factor).
+        return 8.0 * eps * (jnp.abs(c.f) + jnp.dot(jnp.abs(c.g), c.w, precision=HIGHEST))
+
     def progress(c, f_new):
-        # A decrease of the best F beyond its rounding, of the order of sum_i w_i |grad_i|
-        # for F = w^T G w and for CAGrad's dual (both have F(w) = <grad F(w), w> up to a factor).
-        scale = jnp.abs(c.f) + jnp.dot(jnp.abs(c.g), c.w, precision=HIGHEST)
-        return f_new < c.best - 8.0 * eps * scale
+        # A decrease of the best F beyond its rounding.
+        return f_new < c.best - rounding(c)
 
     f, g = value_and_grad(w)
     zero = jnp.int32(0)
@@ -248,40 +285,68 @@ def minimize_on_simplex(
         support = mask & (c.w > 0)
         # Two faces: the support, and the support with the zero coordinates whose gradient
         # asks to enter (the Frank-Wolfe gap's direction).
-        faces = (support, support | (mask & (c.g < lam)))
+        faces = [support, support | (mask & (c.g < lam))]
+        face = jnp.stack(faces)
+        mats, rhss, sums, ridges = [], [], [], []  # all systems go to one batched solve
+        if hessian is not None:
+            mats.append(jnp.broadcast_to(hessian(c.w), (2, T, T)))
+            rhss.append(jnp.broadcast_to(jnp.stack([-c.g, jnp.zeros_like(c.g)], 1), (2, T, 2)))
+            sums.append(jnp.zeros((2, 2), dtype))
+            ridges.append(jnp.full((2,), newton_ridge, dtype))
+        if face_solve is not None:
+            fs = face_solve
+            rhs = jnp.zeros((T, 2), dtype).at[:, : fs.rhs.shape[1]].set(fs.rhs)
+            rhs_sum = jnp.zeros((2,), dtype).at[: fs.rhs_sum.shape[0]].set(fs.rhs_sum)
+            mats.append(jnp.broadcast_to(fs.matrix, (2, T, T)))
+            rhss.append(jnp.broadcast_to(rhs, (2, T, 2)))
+            sums.append(jnp.broadcast_to(rhs_sum, (2, 2)))
+            ridges.append(jnp.full((2,), fs.ridge, dtype))
+        n = len(mats)
+        xs = _kkt_solve(
+            jnp.concatenate(mats),
+            jnp.concatenate(rhss),
+            jnp.concatenate(sums),
+            jnp.concatenate([face] * n),
+            jnp.concatenate(ridges),
+        )
         directions = []
-        for face in faces:
-            if hessian is not None and (NEWTON or face_target is None):
-                top = -c.g[:, None]
-                d = _kkt_solve(hessian(c.w), top, jnp.zeros((1,), dtype), face)[:, 0]
-                directions.append(d)
-            if face_target is not None:
-                directions.append(face_target(c.w, face) - c.w)
-        cands = []
-        for d in directions:
-            d = jnp.where(support, d, jnp.maximum(d, 0.0))  # entering coordinates only grow
-            cands.append(candidates(c.w, d, support))
-        cands = jnp.concatenate(cands)
-        cands = cands / jnp.maximum(jnp.sum(cands, axis=1, keepdims=True), jnp.finfo(dtype).tiny)
+        if hessian is not None:
+            directions.append(xs[:2, :, 0])
+        if face_solve is not None:
+            directions.append(jax.vmap(face_solve.finish)(xs[-2:]) - c.w[None, :])
+        d = jnp.concatenate(directions)
+        d = jnp.where(support[None, :], d, jnp.maximum(d, 0.0))  # entering coordinates only grow
+        cands = jax.vmap(candidates, in_axes=(None, 0, None))(c.w, d, support)
+        cands = cands.reshape(-1, T)
+        total = jnp.sum(cands, axis=1)
+        cands = cands / jnp.where(total > 0, total, 1.0)[:, None]
         fs, gs = jax.vmap(value_and_grad)(cands)
-        fs = jnp.where(jnp.isfinite(fs), fs, jnp.inf)
-        i = jnp.argmin(fs)
-        w_new, f_new, g_new = cands[i], fs[i], gs[i]
-        accept = f_new < c.f
+        fs = jnp.where(jnp.isfinite(fs) & (total > 0), fs, jnp.inf)
+        gaps = jax.vmap(gap_of)(cands, fs, gs)
+        # The lowest F; where none is lower beyond rounding (F is flat to second order near
+        # the optimum, its gap is first order), the smallest gap among those no higher.
+        slack = rounding(c)
+        i_f = jnp.argmin(fs)
+        tie = (fs <= c.f + slack) & (gaps < c.gap)
+        i_gap = jnp.argmin(jnp.where(tie, gaps, jnp.inf))
+        by_f = fs[i_f] < c.f - slack
+        i = jnp.where(by_f, i_f, i_gap)
+        accept = by_f | jnp.any(tie)
+        w_new, f_new, g_new, gap_new = cands[i], fs[i], gs[i], gaps[i]
         out = _Carry(
             w=jnp.where(accept, w_new, c.w),
             y=jnp.where(accept, w_new, c.y),
             t=jnp.where(accept, 1.0, c.t),
             f=jnp.where(accept, f_new, c.f),
             g=jnp.where(accept, g_new, c.g),
-            gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
+            gap=jnp.where(accept, gap_new, c.gap),
             k=c.k + 1,
             stall=jnp.where(progress(c, f_new), 0, c.stall + 1),
-            best=jnp.minimum(c.best, f_new),
+            best=jnp.minimum(c.best, jnp.where(accept, f_new, c.best)),
         )
         return out, accept
 
-    if hessian is None and face_target is None:
+    if hessian is None and face_solve is None:
         body = fista
     else:
 
@@ -316,21 +381,6 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
     )
 
 
-def _psd_factor(G: jax.Array) -> jax.Array:
-    """``L`` with ``L L^T`` the PSD part of G, accurate relative to each task's scale.
-
-    The eigendecomposition is taken of the correlation matrix ``D^-1 G D^-1`` (``D`` the
-    gradients' norms): its errors are then relative to ``sqrt(G_ss G_tt)`` entrywise, as the
-    Gramian's own rounding is, where a plain one would lose the tasks whose squared norm is
-    below a few ulps of the largest.
-    """
-    d = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
-    inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
-    C = G * inv[:, None] * inv[None, :]
-    eigvals, V = jnp.linalg.eigh(0.5 * (C + C.T))
-    return d[:, None] * V * jnp.sqrt(jnp.maximum(eigvals, 0.0))[None, :]
-
-
 def cagrad_dual(
     G: jax.Array,
     b: jax.Array,
@@ -343,59 +393,54 @@ def cagrad_dual(
 ):
     """CAGrad's dual ``argmin_{w in simplex} w^T G b + rho * sqrt(w^T G w)`` (G normalised).
 
-    The solve works on a factor ``L L^T`` of G (its PSD part, :func:`_psd_factor`):
-    ``||L^T w||`` has an absolute error of a few ulps of the gradients' norms, where
-    ``sqrt(w^T G w)`` has the square root of that (~3e-4 in float32) when ``g_w`` is small,
-    near Pareto-stationary points, and the solver would chase that noise.
-
     On the affine hull of a face, the KKT conditions make the minimiser of F the QP solution
     ``x0 + t x1`` (``x0`` the face's min-norm point, ``x1`` the step that the linear term
     asks for, ``t = ||g_w|| / rho``), and ``F(x0 + t x1)`` is minimised over t in closed form:
     the active-set step is exact once the face is right, despite the square root's curvature
-    near ``g_w = 0``. The FISTA fallback majorizes ``sqrt`` by its tangent at ``q(y)``, whose
-    gradient is ``rho * lam_max(G) / sqrt(q(y))``-Lipschitz.
+    near ``g_w = 0`` (a Newton step on F is tried as well). The FISTA fallback majorizes
+    ``sqrt`` by its tangent at ``q(y)``, whose gradient is ``rho * lam_max(G) / sqrt(q(y))``
+    Lipschitz.
 
     F* >= min_t <g_t, d> for any d in CAGrad's ball (weak duality); ``d = max(1 - c, 0) g0``
     gives the lower bound that certifies Pareto-stationary points for ``c >= 1`` (F* = 0), where
     the Frank-Wolfe gap does not vanish (F is not differentiable at ``g_w = 0``).
+
+    Precision: ``||g_w||`` is the square root of ``w^T G w``, whose rounding error is a few ulps
+    of ``trace(G)``; where ``g_w`` is that small (near Pareto-stationary points) F is only known
+    to about ``rho * sqrt(ulp * trace(G))``: ~1e-4 in float32 for ``c`` of a few.
     """
     dtype = G.dtype
+    G = 0.5 * (G + G.T)
     b = jnp.asarray(b).astype(dtype)
     rho = jnp.asarray(rho).astype(dtype)
-    L = _psd_factor(G)
-    Gp = jnp.dot(L, L.T, precision=HIGHEST)
-    lam = jnp.max(jnp.linalg.eigvalsh(Gp))
-    v0 = jnp.dot(b, L, precision=HIGHEST)  # L^T b: g0 in the factor's coordinates
-    Gb = jnp.dot(L, v0, precision=HIGHEST)
+    lam = spectral_bound(G)
+    Gb = matvec(G, b)
     floor = jnp.sqrt(jnp.asarray(jnp.finfo(dtype).tiny, dtype))
 
     def norm_of(w):
-        v = jnp.dot(w, L, precision=HIGHEST)
-        return v, jnp.sqrt(jnp.dot(v, v, precision=HIGHEST))
+        Gw = matvec(G, w)
+        return Gw, jnp.sqrt(jnp.maximum(jnp.dot(w, Gw, precision=HIGHEST), 0.0))
 
     def value_and_grad(w):
-        v, norm = norm_of(w)
-        grad = jnp.dot(L, v0 + (rho / jnp.maximum(norm, floor)) * v, precision=HIGHEST)
-        return jnp.dot(v, v0, precision=HIGHEST) + rho * norm, grad
+        Gw, norm = norm_of(w)
+        value = jnp.dot(w, Gb, precision=HIGHEST) + rho * norm
+        return value, Gb + (rho / jnp.maximum(norm, floor)) * Gw
 
     def curvature(y):
         return rho * lam / jnp.maximum(norm_of(y)[1], floor)
 
     def hessian(w):
-        v, norm = norm_of(w)
+        Gw, norm = norm_of(w)
         norm = jnp.maximum(norm, floor)
-        u = jnp.dot(L, v, precision=HIGHEST) / norm
-        return (rho / norm) * (Gp - u[:, None] * u[None, :])
+        u = Gw / norm
+        return (rho / norm) * (G - u[:, None] * u[None, :])
 
-    def face_target(w, face):
-        top = jnp.stack([jnp.zeros_like(Gb), -Gb], axis=1)
-        x = _kkt_solve(Gp, top, jnp.array([1.0, 0.0], dtype), face)
+    def finish(x):
         x0, x1 = x[:, 0], x[:, 1]
-        p0, p1 = jnp.dot(x0, L, precision=HIGHEST), jnp.dot(x1, L, precision=HIGHEST)
-        q0 = jnp.dot(p0, p0, precision=HIGHEST)
-        q01 = jnp.dot(p0, p1, precision=HIGHEST)
-        q11 = jnp.dot(p1, p1, precision=HIGHEST)
-        l1 = jnp.dot(p1, v0, precision=HIGHEST)
+        q0 = jnp.maximum(quad(G, x0), 0.0)
+        q01 = jnp.dot(x0, matvec(G, x1), precision=HIGHEST)
+        q11 = jnp.maximum(quad(G, x1), 0.0)
+        l1 = jnp.dot(x1, Gb, precision=HIGHEST)
         # F(t) = const + l1 t + rho sqrt(q11 (t + q01/q11)^2 + D): minimised in closed form
         # where rho^2 q11 > l1^2; otherwise F falls without bound along -sign(l1) x1.
         ok = q11 > 0
@@ -408,8 +453,12 @@ def cagrad_dual(
         t = jnp.where(bounded, tau - q01 / q11s, far)
         return jnp.where(ok, x0 + t * x1, x0)
 
+    # x0: the face's min-norm point (sum 1); x1: the least-squares step for -G b (sum 0).
+    rhs = jnp.stack([jnp.zeros_like(Gb), -Gb], axis=1)
+    face_solve = FaceSolve(G, rhs, jnp.array([1.0, 0.0], dtype), finish)
+
     # Weak duality: d = max(1 - c, 0) g0 lies in CAGrad's ball, so F* >= min_t <g_t, d>.
-    g0_norm = jnp.sqrt(jnp.dot(v0, v0, precision=HIGHEST))
+    g0_norm = jnp.sqrt(jnp.maximum(jnp.dot(b, Gb, precision=HIGHEST), 0.0))
     c = rho / jnp.where(g0_norm > 0, g0_norm, 1.0)
     lower = jnp.maximum(1.0 - c, 0.0) * jnp.min(jnp.where(mask, Gb, jnp.inf))
     lower = jnp.where(jnp.any(mask), lower, 0.0)
@@ -422,6 +471,9 @@ def cagrad_dual(
         tol=tol,
         max_iters=max_iters,
         hessian=hessian,
-        face_target=face_target,
+        face_solve=face_solve,
+        # The Hessian's scale grows as rho / ||g_w|| near g_w = 0: a ridge of 64 ulps of it
+        # swamps the directions that matter there (measured: more steps in float32).
+        newton_ridge=1.0,
         lower_bound=lower,
     )
