@@ -1,10 +1,20 @@
 """Strict JAX settings for the whole suite, and hypothesis profiles (derandomized in CI)."""
 
 import os
+import tempfile
 
 import jax
 import pytest
 
+# Many tests build the same method with the same shapes: share their compilations through
+# JAX's persistent cache (a fresh directory per run unless MTLOPT_TEST_CACHE names one).
+# pytest-xdist's workers share PYTEST_XDIST_TESTRUNUID, so they share the directory too.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+_cache = os.environ.get("MTLOPT_TEST_CACHE") or os.path.join(
+    tempfile.gettempdir(), f"mtlopt-jax-cache-{_run}"
+)
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -45,7 +45,7 @@ def main() -> int:
         k: jax.device_put(v, NamedSharding(mesh, param_specs[k])) for k, v in params.items()
     }
     failures = 0
-    for row in ROWS:
+    for row in [r for r in ROWS if not r.variant]:  # variants: same code paths
         tx = row.make(T)
         extra = {"task_losses": losses} if row.needs_losses else {}
         ref, _ = jax.jit(tx.update)(grads, tx.init(params), **extra)

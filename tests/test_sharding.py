@@ -25,5 +25,5 @@ def test_sharded_update_equals_single_device():
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    for row in ROWS:
+    for row in [r for r in ROWS if not r.variant]:
         assert f"{row.name}: ok" in out, out

@@ -205,8 +205,9 @@ def cagrad(
         Every method takes this argument.
       nonfinite: what a step with NaN or inf in the task grads, losses, weights or update
         does. Either way the state is left as it was and ``state.skipped`` counts the step;
-        the update is zeros with ``"skip"`` (default), or NaN with ``"propagate"``, so that ``optax.apply_if_finite`` further down the chain skips the
-        optimizer too. Every method takes this argument.
+        the update is zeros with ``"skip"`` (default), or NaN with ``"propagate"``, so
+        that ``optax.apply_if_finite`` further down the chain skips the optimizer too.
+        Every method takes this argument.
 
     Cost:
       Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
