@@ -212,10 +212,13 @@ def aggregator(
             ok &= jnp.all(jnp.isfinite(jnp.where(mask, ctx.losses, 0.0)))
         fill = 0.0 if nonfinite == "skip" else jnp.nan
         filled = lambda: jax.tree.map(lambda x: jnp.full(x.shape[1:], fill, x.dtype), task_grads)
-        updates = lax.cond(ok, combine_all, filled)
         if ctx.gram is None or heads:
+            # One cond, after the output check (two conds cost ~0.25 ms more on mean()).
+            updates = combine_all()
             ok &= tree.all_finite(updates)
             updates = lax.cond(ok, lambda: updates, filled)
+        else:
+            updates = lax.cond(ok, combine_all, filled)
         kept = {f: getattr(new_state, f) for f in method.guarded}
         new_state = tree.where_tree(
             ok, new_state._replace(**dict.fromkeys(kept)), state._replace(**dict.fromkeys(kept))
