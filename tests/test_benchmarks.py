@@ -1,4 +1,5 @@
-"""The benchmark scripts run: `benchmarks/aggregation.py --quick` exits 0 and times every method."""
+"""The benchmark scripts run: `aggregation.py --quick` and `train_step.py --quick` exit 0 and
+time every method."""
 
 import os
 import subprocess
@@ -38,3 +39,22 @@ def test_aggregation_quick():
     ]:
         assert f"\n{label} " in out, f"{label!r} missing from:\n{out}"
     assert "targets:" in out
+
+
+def test_train_step_quick():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "### Shared-trunk MLP" in out and "### JaxJD's case" in out
+    for method in ["mean", "linear", "cagrad", "mgda", "pcgrad", "db_mtl", "task grads only"]:
+        assert f"\n| {method} | " in out, f"{method!r} missing from:\n{out}"
+    assert "aggregation share" in out
