@@ -426,3 +426,16 @@ def test_no_extra_copy_of_the_task_grads_in_a_step(row):
 
     # grads_only returns the T copies; step keeps them as temporaries: T more.
     assert temp(step, params, state) <= temp(grads_only, params) + T + 1.0
+
+
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_init_after_a_donated_update(row):
+    """Every ``init`` builds fresh buffers: donating one state to a jitted update (as training
+    steps do) leaves the transformation able to ``init`` again (a restart)."""
+    tx = row.make(T)
+    grads = inputs.from_matrix(inputs.random_matrix(T))
+    extra = {"task_losses": inputs.losses(T)} if row.needs_losses else {}
+    update = jax.jit(lambda g, s: tx.update(g, s, inputs.params(), **extra), donate_argnums=1)
+    jax.block_until_ready(update(grads, tx.init(inputs.params())))
+    state = tx.init(inputs.params())
+    jax.block_until_ready(update(grads, state))

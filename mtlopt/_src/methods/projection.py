@@ -102,7 +102,10 @@ def pcgrad(
         return pcgrad_weights(Gn, others, ctx.mask), {"key": jax.random.key_data(key)}
 
     method = build.Method(
-        name, PCGradState, weights_fn, init_extra=lambda T, shared: {"key": key_data}
+        name,
+        PCGradState,
+        weights_fn,
+        init_extra=lambda T, shared: {"key": jnp.array(key_data, copy=True)},
     )
     return build.aggregator(
         method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
