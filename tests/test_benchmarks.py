@@ -1,5 +1,4 @@
-"""The benchmark scripts run: `aggregation.py --quick` and `train_step.py --quick` exit 0 and
-time every method."""
+"""The benchmark scripts run: each one's `--quick` mode exits 0 and times every method."""
 
 import os
 import subprocess
@@ -9,11 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_aggregation_quick():
+def _run(script, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "aggregation.py"), "--quick", "--repeats", "3"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -21,7 +20,11 @@ def test_aggregation_quick():
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_aggregation_quick():
+    out = _run("aggregation.py", "--repeats", "3")
     for label in [
         "mean()",
         "linear(w)",
@@ -42,19 +45,13 @@ def test_aggregation_quick():
 
 
 def test_train_step_quick():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--steps", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
+    out = _run("train_step.py", "--steps", "2")
     assert "### Shared-trunk MLP" in out and "### JaxJD's case" in out
     for method in ["mean", "linear", "cagrad", "mgda", "pcgrad", "db_mtl", "task grads only"]:
         assert f"\n| {method} | " in out, f"{method!r} missing from:\n{out}"
     assert "aggregation share" in out
+
+
+def test_gramian_route_quick():
+    out = _run("gramian_route.py", "--steps", "2")
+    assert "| mgda |" in out and "route temp xP" in out
