@@ -6,9 +6,10 @@ tasks with a Gramian method (``mgda`` and ``cagrad``, both built with ``num_task
 
 * ``full``: T gradients over every parameter (``mtlopt.task_value_and_grad``), the method on
   them (heads marked ``task_specific``): the T x P task grads exist in the step.
-* ``route``: T gradients with respect to the shared features ``z`` only (a ``(T, B, H)``
-  array), their Gramian, ``mtlopt.weights_from_gramian``, then one backward pass of
-  ``sum_t w_t loss_t`` over the whole model: the T x P task grads never exist.
+* ``route``: one trunk forward, T gradients with respect to the shared features ``z`` only (a
+  ``(T, B, H)`` array), their Gramian, ``mtlopt.weights_from_gramian``, then one backward pass
+  of ``sum_t w_t loss_t`` through the trunk (its cotangent at ``z`` is ``sum_t w_t dz_t``): the
+  T x P task grads never exist.
 
 Printed per method and size: median ms per step, and the step's temporary memory
 (``compiled.memory_analysis().temp_size_in_bytes``) in units of one parameter copy
@@ -86,21 +87,16 @@ def route_step(method):
 
     def step(params, state, x, y):
         adam_state, w_state = state
-        z = features(params["trunk"], x)
-        _, feature_grads = mtlopt.task_value_and_grad(losses_from_features)(z, params["heads"], y)
+        # One trunk forward, kept for its VJP; T cheap gradients at the features.
+        z, trunk_vjp = jax.vjp(lambda t: features(t, x), params["trunk"])
+        heads = params["heads"]
+        losses, feature_grads = mtlopt.task_value_and_grad(losses_from_features)(z, heads, y)
         w, w_state = mtlopt.weights_from_gramian(weigher, mtlopt.gramian(feature_grads), w_state)
         w = jax.lax.stop_gradient(w)
-
-        def total(p):  # heads: each follows its own task (w only weights the trunk)
-            ls = task_losses(p, x, y)
-            return jnp.dot(w, ls), ls
-
-        trunk_grad, losses = jax.grad(lambda t: total({**params, "trunk": t}), has_aux=True)(
-            params["trunk"]
-        )
-        head_grad = jax.grad(lambda h: jnp.sum(task_losses({**params, "heads": h}, x, y)))(
-            params["heads"]
-        )
+        # The trunk: one backward pass of sum_t w_t loss_t; the heads: each its own task's
+        # gradient (sum_t loss_t, since head t enters loss t only), at the same z.
+        (trunk_grad,) = trunk_vjp(mtlopt.combine(w, feature_grads))
+        head_grad = jax.grad(lambda h: jnp.sum(losses_from_features(z, h, y)))(heads)
         grads = {"trunk": trunk_grad, "heads": head_grad}
         updates, adam_state = adam.update(grads, adam_state, params)
         return optax.apply_updates(params, updates), (adam_state, w_state), losses
@@ -127,8 +123,7 @@ def measure(make, method, hidden, steps):
         params, state, losses = compiled(params, state, x, y)
         jax.block_until_ready(losses)
         times.append(time.perf_counter() - t0)
-    first = float(jnp.sum(losses))
-    return n_params, statistics.median(times) * 1e3, temp, first
+    return n_params, statistics.median(times) * 1e3, temp
 
 
 def main(argv=None):
