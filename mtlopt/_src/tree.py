@@ -16,17 +16,30 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 
-# Columns per chunk of the chunked Gramian (see _leaf_gramian). Measured on the 2-core dev CPU,
-# jax 0.10.2, a (10, 1e6) float32 leaf, medians of 20 jitted calls: one einsum contracting the
-# minor axis 28.7 ms (XLA:CPU sends it to its slow YNNPACK fusion); fori_loop over dynamic column
-# slices of 1024 / 4096 / 6400 / 16384 columns: 7.1 / 6.5 / 7.5 / 9.7 ms; numpy J @ J.T 10.8 ms.
-# A loop over a (T, n, C) reshape instead of dynamic slices: 17 ms (the gather copies).
-# Re-measured on a 2-core AMD EPYC (same jax): einsum 37.3 ms; fori_loop slices of 2048 / 4096 /
-# 8192 columns 8.8 / 8.3 / 9.2 ms; each slice transposed first 8.2-9.4; a batched dot over a
-# (T, n, C) reshape 44-93; chunks as broadcast-multiply-reduce 9.1-11.4; a (P, T) array
-# contracted on its leading axis 6.6 (but transposing costs a pass); numpy 11.0, torch 14.5.
+# How the Gramian is computed on XLA:CPU. GPU/TPU take one dot per leaf (cuBLAS/MXU are right).
+#
+# XLA:CPU hands f32 dots (and sum reductions) to its YNNPACK fusion, whose speed depends on the
+# CPU. Medians on two 2-core AMD EPYC machines, jax 0.10.2, a (10, 1e6) float32 leaf:
+#   machine A: one dot 28.7-37.3 ms; fori_loop over 4096-column slices, one small dot each,
+#              6.5-8.3 ms; numpy J @ J.T 10.8-11.0, torch 14.5.
+#   machine B (Zen 1): one dot 70 ms; the 4096-column dot loop 38-40 ms, because a (10, C) x
+#              (C, 10) dot runs at 2.7 GFMA/s there (9.6 at T=32, 13.3 at T=64); dot loops
+#              over slices transposed first, batched dots over a (T, b, C/b) reshape: 34-40;
+#              numpy 14-15, torch 23-27.
+# So for small T (machine B: the dot loop's 9.4 / 5.2 / 39 / 30 / 47 / 130 ms at T = 2 / 4 / 10 /
+# 16 / 24 / 40) the loop body avoids dots and reductions altogether: it adds the outer products
+# of L-column slices, s[:, None, :] * s[None, :, :], into a (T, T, L) accumulator, a plain
+# elementwise fusion that XLA vectorises itself (machine B: 1.9 / 4.3 / 13-22 / 27 / 50 / 141 ms
+# at those T), and one small reduction over L ends it. Past _OUTER_MAX_T the dot's kernel wins.
+# Forms measured and dropped on machine B: the symmetric half via rolled or concatenated rows
+# (52-100 ms: the concatenates become selects), a broadcast-multiply-reduce (XLA rewrites it into
+# the same dot), two independent loops over halves (no gain: the loop body's fusion is already
+# split across both cores), 512 / 1024 / 4096 / 8192-column slices (slower or equal).
+_OUTER_MAX_T = 16
+_LANES = 256  # L, the accumulator's last axis: (10, 10, 256) float32 is 100 KB
+_OUTER_COLUMNS = 8 * _LANES  # columns per loop step: 8 outer products per fused add
+# The dot loop (T > _OUTER_MAX_T): columns per step, and leaves small enough for one dot.
 _CHUNK_COLUMNS = 4096
-# Leaves with at most this many columns are contracted in one dot (no loop overhead).
 _SMALL_LEAF = 4 * _CHUNK_COLUMNS
 
 
@@ -42,33 +55,62 @@ def _dot_rows(a: jax.Array, b: jax.Array) -> jax.Array:
     )
 
 
-def _cpu_chunked_gramian(m: jax.Array, scale: jax.Array | None) -> jax.Array:
-    T, P = m.shape
-    n = P // _CHUNK_COLUMNS
+def _scaled(m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    return m if scale is None else m.astype(jnp.float32) * scale
+
+
+def _add_outer(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """acc (T, T, L) + the outer products of m's L-column slices (the last one zero-padded)."""
+    for start in range(0, m.shape[1], _LANES):
+        s = _scaled(m[:, start : start + _LANES], scale).astype(jnp.float32)
+        if s.shape[1] < _LANES:
+            s = jnp.pad(s, ((0, 0), (0, _LANES - s.shape[1])))
+        acc = acc + s[:, None, :] * s[None, :, :]
+    return acc
+
+
+def _cpu_outer_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
+    """Pass 1 on XLA:CPU for small T: one (T, T, L) accumulator carried through every leaf."""
+    T = matrices[0].shape[0]
+    acc = jnp.zeros((T, T, _LANES), jnp.float32)
+    for m in matrices:
+        n = m.shape[1] // _OUTER_COLUMNS
+
+        def body(i, acc, m=m):
+            chunk = lax.dynamic_slice_in_dim(m, i * _OUTER_COLUMNS, _OUTER_COLUMNS, axis=1)
+            return _add_outer(acc, chunk, scale)
+
+        if n:
+            acc = lax.fori_loop(0, n, body, acc)
+        if m.shape[1] % _OUTER_COLUMNS:
+            acc = _add_outer(acc, m[:, n * _OUTER_COLUMNS :], scale)
+    return jnp.sum(acc, axis=-1)
+
+
+def _cpu_dot_loop(m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """One leaf's Gramian on XLA:CPU for larger T: small dots over column slices."""
+    if m.shape[1] <= _SMALL_LEAF:
+        return _dot_rows(_scaled(m, scale), _scaled(m, scale))
+    n = m.shape[1] // _CHUNK_COLUMNS
 
     def block(chunk):
-        chunk = chunk if scale is None else chunk.astype(jnp.float32) * scale
-        return _dot_rows(chunk, chunk)
+        return _dot_rows(_scaled(chunk, scale), _scaled(chunk, scale))
 
     def body(i, acc):
         return acc + block(lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1))
 
-    acc = lax.fori_loop(0, n, body, jnp.zeros((T, T), jnp.float32))
+    acc = lax.fori_loop(0, n, body, jnp.zeros((m.shape[0],) * 2, jnp.float32))
     return acc + block(m[:, n * _CHUNK_COLUMNS :])
 
 
-def _leaf_gramian(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    m = as_matrix(x)
-    if m.shape[1] <= _SMALL_LEAF:
-        m = m if scale is None else m.astype(jnp.float32) * scale
-        return _dot_rows(m, m)
-    # GPU/TPU: one dot is right (cuBLAS/MXU); XLA:CPU: the chunked loop (numbers above), which
-    # also applies ``scale`` chunk by chunk, so the pre-scaled path never copies the grads.
-    one_dot = lambda m: _dot_rows(
-        m if scale is None else m.astype(jnp.float32) * scale,
-        m if scale is None else m.astype(jnp.float32) * scale,
-    )
-    return lax.platform_dependent(m, cpu=lambda m: _cpu_chunked_gramian(m, scale), default=one_dot)
+def _cpu_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
+    if matrices[0].shape[0] <= _OUTER_MAX_T:
+        return _cpu_outer_gramian(matrices, scale)
+    return sum(_cpu_dot_loop(m, scale) for m in matrices)
+
+
+def _one_dot_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
+    return sum(_dot_rows(_scaled(m, scale), _scaled(m, scale)) for m in matrices)
 
 
 def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
@@ -85,8 +127,12 @@ def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
         Array([[5., 1.],
                [1., 2.]], dtype=float32)
     """
-    leaves = jax.tree.leaves(task_grads)
-    return sum(_leaf_gramian(x, scale) for x in leaves[1:]) + _leaf_gramian(leaves[0], scale)
+    matrices = [as_matrix(x) for x in jax.tree.leaves(task_grads)]
+    return lax.platform_dependent(
+        *matrices,
+        cpu=lambda *ms: _cpu_gramian(list(ms), scale),
+        default=lambda *ms: _one_dot_gramian(list(ms), scale),
+    )
 
 
 def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
