@@ -17,9 +17,9 @@ Cases:
   (``torchjd.autojac.backward``), every mtlopt method against TorchJD's counterpart.
 
 Medians of per-step times after warm-up steps, each JAX step ending in ``block_until_ready``.
-Within a library the benches run round-robin; the libraries take turns every few rounds, never
-call by call (see :func:`run_alternating`). Only the ratios of one run mean much on a shared
-machine; each table notes the load average.
+Within a library each bench runs a few consecutive steps in turn, in an order drawn afresh each
+turn; the libraries take turns, never call by call (see :func:`run_alternating`). Only the
+ratios of one run mean much on a shared machine; each table notes the load average.
 
     python benchmarks/train_step.py            # all cases, writes results/train_step.md
     python benchmarks/train_step.py --quick    # tiny sizes, few steps (CI, seconds)
@@ -34,6 +34,7 @@ import dataclasses
 import importlib.metadata
 import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -398,15 +399,22 @@ def torch_benches(
 # Timing
 
 
-def run_alternating(groups: list[list[Bench]], steps: int, warmup: int, block: int) -> None:
-    """Warm-up calls, then ``steps`` timed rounds of every bench, the libraries in turns.
+def run_alternating(
+    groups: list[list[Bench]], steps: int, warmup: int, block: int, seed: int = 0
+) -> None:
+    """Warm-up calls, then ``steps`` timed calls of every bench, the libraries in turns.
 
-    Within a library the benches run round-robin, one call of each per round, each round
-    starting one bench later (as aggregation.py). The libraries never interleave call by call
-    (each would pay to wake its thread pool after the other's), but take turns every ``block``
-    rounds, so that both meet the same load from other processes over the run: a step here
-    takes seconds, and the load on a shared machine drifts over minutes.
+    A library's turn is ``block`` consecutive calls of each of its benches, the benches in an
+    order drawn afresh every turn: consecutive steps of one model, as a training loop makes
+    them, with no bench always following the same other one. (Cycling one call of each bench
+    per round, as before, timed each call right after a different program and fixed who came
+    after whom: in JaxJD's sub-millisecond case that order alone moved JAX's medians by about
+    1.5x.) The libraries never interleave call by call (each would pay to wake its thread pool
+    after the other's), but take turns, so that both meet the same load from other processes
+    over the run: a step here takes seconds, and the load on a shared machine drifts over
+    minutes.
     """
+    rng = random.Random(seed)
     for group in groups:
         for _ in range(warmup):
             for b in group:
@@ -415,9 +423,8 @@ def run_alternating(groups: list[list[Bench]], steps: int, warmup: int, block: i
     while done < steps:
         n = min(block, steps - done)
         for group in groups:
-            for r in range(done, done + n):
-                k = r % len(group) if group else 0
-                for b in group[k:] + group[:k]:
+            for b in rng.sample(group, len(group)):
+                for _ in range(n):
                     start = time.perf_counter()
                     b.call()
                     b.times.append(time.perf_counter() - start)
@@ -453,7 +460,7 @@ def run_case(case: Case, steps: int, threads: int, torch_mods, seed: int) -> lis
     if torch is not None:
         torch_all, th = torch_benches(torch, tjd, autojac, case, methods, params_np, x_np, y_np)
     load0 = os.getloadavg()[0]
-    run_alternating([jax_all, torch_all], steps, WARMUP, case.block)
+    run_alternating([jax_all, torch_all], steps, WARMUP, case.block, seed)
     load1 = os.getloadavg()[0]
     total = WARMUP + steps
 
