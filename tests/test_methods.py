@@ -476,6 +476,32 @@ def test_gramian_and_combine():
     np.testing.assert_allclose(out["b"], w @ J[:, 20000:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_gramian_formulation_matches_float64(T, dtype):
+    # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, by T: test all
+    # three directly, on leaves that are tiny, a few slices, past one loop step and past the
+    # dot loop's one-dot limit, none a multiple of a slice; with and without a scale.
+    from mtlopt._src import tree as tr
+
+    sizes = [(7,), (300, 3), (tr._OUTER_COLUMNS * 2 + 5,), (tr._SMALL_LEAF + 129,)]
+    rng = _rng(31)
+    leaves = [jnp.asarray(rng.normal(size=(T, *s)), dtype) for s in sizes]
+    M = np.concatenate([np.asarray(x, np.float64).reshape(T, -1) for x in leaves], axis=1)
+    mats = [tr.as_matrix(x) for x in leaves]
+    for scale in (None, jnp.float32(0.25)):
+        ref = (M @ M.T) * (1.0 if scale is None else 0.0625)
+        forms = {
+            "outer": tr._cpu_outer_gramian(mats, scale),
+            "dot loop": sum(tr._cpu_dot_loop(m, scale) for m in mats),
+            "one dot": tr._one_dot_gramian(mats, scale),
+            "public": mtlopt.gramian(leaves, scale),
+        }
+        for name, got in forms.items():
+            assert got.dtype == jnp.float32, name
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3, err_msg=name)
+
+
 def test_task_weights_searches_nested_states():
     import optax
 
