@@ -480,11 +480,13 @@ def test_gramian_and_combine():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_gramian_formulation_matches_float64(T, dtype):
     # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, by T: test all
-    # three directly, on leaves that are tiny, a few slices, past one loop step and past the
-    # dot loop's one-dot limit, none a multiple of a slice; with and without a scale.
+    # three directly, on leaves that are tiny, a few slices, and past the one-dot limit (two
+    # such leaves share the outer loop's accumulator; one ends in 2.3 slices, one in whole
+    # loop steps); with and without a scale.
     from mtlopt._src import tree as tr
 
-    sizes = [(7,), (300, 3), (tr._OUTER_COLUMNS * 2 + 5,), (tr._SMALL_LEAF + 129,)]
+    big = tr._SMALL_LEAF + tr._OUTER_COLUMNS
+    sizes = [(7,), (300, 3), (tr._OUTER_COLUMNS * 2 + 5,), (big + 600,), (big // 8, 8)]
     rng = _rng(31)
     leaves = [jnp.asarray(rng.normal(size=(T, *s)), dtype) for s in sizes]
     M = np.concatenate([np.asarray(x, np.float64).reshape(T, -1) for x in leaves], axis=1)
