@@ -494,8 +494,9 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
     for scale in (None, jnp.float32(0.25)):
         ref = (M @ M.T) * (1.0 if scale is None else 0.0625)
         forms = {
-            "outer": tr._cpu_outer_gramian(mats, scale),
-            "dot loop": sum(tr._cpu_dot_loop(m, scale) for m in mats),
+            "outer": tr._cpu_gramian(mats, scale, outer=True, small_leaf=0),
+            "dot loop": tr._cpu_gramian(mats, scale, outer=False, small_leaf=0),
+            "cpu": tr._cpu_gramian(mats, scale),
             "one dot": tr._one_dot_gramian(mats, scale),
             "public": mtlopt.gramian(leaves, scale),
         }

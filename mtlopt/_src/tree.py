@@ -38,8 +38,8 @@ HIGHEST = lax.Precision.HIGHEST
 _OUTER_MAX_T = 16
 _LANES = 256  # L, the accumulator's last axis: (10, 10, 256) float32 is 100 KB
 _OUTER_COLUMNS = 8 * _LANES  # columns per loop step: 8 outer products per fused add
-# The dot loop (T > _OUTER_MAX_T): columns per step; leaves of at most _SMALL_LEAF columns take
-# one dot on either path.
+# The dot loop (T > _OUTER_MAX_T): columns per step. Leaves of at most _SMALL_LEAF columns take
+# one dot on either path (see _cpu_gramian).
 _CHUNK_COLUMNS = 4096
 _SMALL_LEAF = 4 * _CHUNK_COLUMNS
 
@@ -49,77 +49,85 @@ def as_matrix(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
-def _dot_rows(a: jax.Array, b: jax.Array) -> jax.Array:
-    """(T, C) x (T, C) -> (T, T), accumulated in float32 at full precision."""
+def _self_gram(m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """(T, C) -> (T, T) by one dot, of ``scale * m`` with a scale, in float32 at full precision."""
+    s = m if scale is None else m.astype(jnp.float32) * scale
     return lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), precision=HIGHEST, preferred_element_type=jnp.float32
+        s, s, (((1,), (1,)), ((), ())), precision=HIGHEST, preferred_element_type=jnp.float32
     )
-
-
-def _scaled(m: jax.Array, scale: jax.Array | None) -> jax.Array:
-    return m if scale is None else m.astype(jnp.float32) * scale
 
 
 def _add_outer(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax.Array:
     """acc (T, T, L) + the outer products of m's L-column slices (the last one zero-padded)."""
     for start in range(0, m.shape[1], _LANES):
-        s = _scaled(m[:, start : start + _LANES], scale).astype(jnp.float32)
+        s = m[:, start : start + _LANES].astype(jnp.float32)
+        s = s if scale is None else s * scale
         if s.shape[1] < _LANES:
             s = jnp.pad(s, ((0, 0), (0, _LANES - s.shape[1])))
         acc = acc + s[:, None, :] * s[None, :, :]
     return acc
 
 
-def _cpu_outer_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
-    """Pass 1 on XLA:CPU for small T: one (T, T, L) accumulator carried through the big leaves.
-
-    Leaves of at most _SMALL_LEAF columns take one dot each instead: as fast there (a model of
-    180 such leaves, 1e6 parameters: 18.7 ms by dots, 17.2 by outer products), and a loop per
-    leaf doubled that model's compile time (1.2 -> 2.5 s).
-    """
-    T = matrices[0].shape[0]
-    acc = jnp.zeros((T, T, _LANES), jnp.float32)
-    small = []
-    for m in matrices:
-        if m.shape[1] <= _SMALL_LEAF:
-            small.append(_dot_rows(_scaled(m, scale), _scaled(m, scale)))
-            continue
-        n = m.shape[1] // _OUTER_COLUMNS
-
-        def body(i, acc, m=m):
-            chunk = lax.dynamic_slice_in_dim(m, i * _OUTER_COLUMNS, _OUTER_COLUMNS, axis=1)
-            return _add_outer(acc, chunk, scale)
-
-        acc = lax.fori_loop(0, n, body, acc)
-        if m.shape[1] % _OUTER_COLUMNS:
-            acc = _add_outer(acc, m[:, n * _OUTER_COLUMNS :], scale)
-    return sum(small) + jnp.sum(acc, axis=-1)
-
-
-def _cpu_dot_loop(m: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """One leaf's Gramian on XLA:CPU for larger T: small dots over column slices."""
-    if m.shape[1] <= _SMALL_LEAF:
-        return _dot_rows(_scaled(m, scale), _scaled(m, scale))
-    n = m.shape[1] // _CHUNK_COLUMNS
-
-    def block(chunk):
-        return _dot_rows(_scaled(chunk, scale), _scaled(chunk, scale))
+def _outer_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """acc (T, T, L) + one leaf's outer products: a loop of 8 slices per step, then the tail."""
+    n = m.shape[1] // _OUTER_COLUMNS
 
     def body(i, acc):
-        return acc + block(lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1))
+        chunk = lax.dynamic_slice_in_dim(m, i * _OUTER_COLUMNS, _OUTER_COLUMNS, axis=1)
+        return _add_outer(acc, chunk, scale)
 
-    acc = lax.fori_loop(0, n, body, jnp.zeros((m.shape[0],) * 2, jnp.float32))
-    return acc + block(m[:, n * _CHUNK_COLUMNS :])
+    if n:  # (the body's slice must fit in m even when it would run no step)
+        acc = lax.fori_loop(0, n, body, acc)
+    if m.shape[1] % _OUTER_COLUMNS:
+        acc = _add_outer(acc, m[:, n * _OUTER_COLUMNS :], scale)
+    return acc
 
 
-def _cpu_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
-    if matrices[0].shape[0] <= _OUTER_MAX_T:
-        return _cpu_outer_gramian(matrices, scale)
-    return sum(_cpu_dot_loop(m, scale) for m in matrices)
+def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """acc (T, T) + one leaf's Gramian by small dots over column slices, then the tail."""
+    n = m.shape[1] // _CHUNK_COLUMNS
+
+    def body(i, acc):
+        chunk = lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1)
+        return acc + _self_gram(chunk, scale)
+
+    acc = acc + _self_gram(m[:, n * _CHUNK_COLUMNS :], scale)
+    return lax.fori_loop(0, n, body, acc) if n else acc
+
+
+def _cpu_gramian(
+    matrices: list[jax.Array],
+    scale: jax.Array | None,
+    outer: bool | None = None,
+    small_leaf: int = _SMALL_LEAF,
+) -> jax.Array:
+    """Pass 1 on XLA:CPU: the outer-product loop (T <= _OUTER_MAX_T) or the dot loop.
+
+    Leaves of at most ``small_leaf`` columns take one dot on either path: as fast there (a
+    model of 180 such leaves, 1e6 parameters: 18.7 ms by dots, 17.2 by outer products), and a
+    loop per small leaf doubled that model's compile time (1.2 -> 2.5 s). ``outer`` and
+    ``small_leaf`` are for tests, which force each form on every leaf.
+
+    Every leaf waits for the one before (an optimization barrier): with sharded grads, two
+    leaves' collectives ready at once could deadlock XLA:CPU's rendezvous (tests/
+    sharding_check.py aborted in 2 of 8 runs under load when the small leaves' dots were left
+    independent of the big leaves' loops; 0 of 8 with the chain).
+    """
+    T = matrices[0].shape[0]
+    outer = T <= _OUTER_MAX_T if outer is None else outer
+    acc = jnp.zeros((T, T, _LANES) if outer else (T, T), jnp.float32)
+    for m in matrices:
+        acc, m = lax.optimization_barrier((acc, m))
+        if m.shape[1] <= small_leaf:
+            g = _self_gram(m, scale)
+            acc = acc.at[:, :, 0].add(g) if outer else acc + g
+        else:
+            acc = (_outer_leaf if outer else _dot_loop_leaf)(acc, m, scale)
+    return jnp.sum(acc, axis=-1) if outer else acc
 
 
 def _one_dot_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
-    return sum(_dot_rows(_scaled(m, scale), _scaled(m, scale)) for m in matrices)
+    return sum(_self_gram(m, scale) for m in matrices)
 
 
 def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
