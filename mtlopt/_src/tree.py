@@ -16,6 +16,10 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 
+# Public, with a batching rule, in later jax. The oldest jax we support (0.4.30) has it only
+# under a private name and without one (vmap fails): there the chain in _cpu_gramian is left out.
+_optimization_barrier = getattr(lax, "optimization_barrier", lambda x: x)
+
 # How the Gramian is computed on XLA:CPU. GPU/TPU take one dot per leaf (cuBLAS/MXU are right).
 #
 # XLA:CPU hands f32 dots (and sum reductions) to its YNNPACK fusion, whose speed depends on the
@@ -117,7 +121,7 @@ def _cpu_gramian(
     outer = T <= _OUTER_MAX_T if outer is None else outer
     acc = jnp.zeros((T, T, _LANES) if outer else (T, T), jnp.float32)
     for m in matrices:
-        acc, m = lax.optimization_barrier((acc, m))
+        acc, m = _optimization_barrier((acc, m))
         if m.shape[1] <= small_leaf:
             g = _self_gram(m, scale)
             acc = acc.at[:, :, 0].add(g) if outer else acc + g
