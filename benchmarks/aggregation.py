@@ -302,8 +302,23 @@ def _fmt(x: float | None, spec: str = ".2f", na: str = "n/a") -> str:
     return format(x, spec)
 
 
+def gramian_loop(T: int) -> str:
+    """Which loop mtlopt.gramian runs on this CPU for T tasks, and the one-off probe's time.
+
+    The probe runs at the first trace for each T in a process: done here, before any compile
+    is timed, so that the compile column holds only each method's own compilation.
+    """
+    from mtlopt._src import tree
+
+    start = time.perf_counter()
+    outer = tree._outer_loop_wins(T)
+    seconds = time.perf_counter() - start
+    return f"CPU Gramian loop: {'outer products' if outer else 'dots'} (probe {seconds:.2f} s)"
+
+
 def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed: int) -> bool:
     """Times everything at one (T, P), prints the table, returns whether every target passed."""
+    loop = gramian_loop(T)
     J, losses_np = make_task_grads(T, P, seed)
     grads = {"w": jnp.asarray(J)}
     params = {"w": jnp.zeros((P,), jnp.float32)}
@@ -336,6 +351,7 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         f"float32 task grads T={T}, P={P:.0e} ({T * P * 4 / 2**20:.0f} MiB), "
         f"median of {len(methods[0].times)} calls, {threads} threads"
         + (f", torch {torch.__version__}" if torch is not None else ", TorchJD: not installed")
+        + f"; {loop}"
     )
     head = (
         f"{'method':<{W}}{'ms':>9}{'x mean':>8}{'x(G+m)':>8}  {'target':<14}{'result':<7}"
@@ -412,6 +428,7 @@ def run_sweep(Ts, Ps, repeats, threads, use_torch, seed, budget_s, out_dir: Path
     for T in Ts:
         for P in Ps:
             start = time.perf_counter()
+            print(f"T={T}: {gramian_loop(T)}", flush=True)
             J, losses_np = make_task_grads(T, P, seed)
             grads = {"w": jnp.asarray(J)}
             params = {"w": jnp.zeros((P,), jnp.float32)}

@@ -479,10 +479,10 @@ def test_gramian_and_combine():
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_gramian_formulation_matches_float64(T, dtype):
-    # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, by T: test all
-    # three directly, on leaves that are tiny, a few slices, and past the one-dot limit (two
-    # such leaves share the outer loop's accumulator; one ends in 2.3 slices, one in whole
-    # loop steps); with and without a scale.
+    # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, by T and a
+    # measurement: test all three directly, on leaves that are tiny, a few slices, and past the
+    # one-dot limit (two such leaves share the outer loop's accumulator; one ends in 2.3
+    # slices, one in whole loop steps); with and without a scale.
     from mtlopt._src import tree as tr
 
     big = tr._SMALL_LEAF + tr._OUTER_COLUMNS
@@ -503,6 +503,28 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
         for name, got in forms.items():
             assert got.dtype == jnp.float32, name
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3, err_msg=name)
+
+
+def test_cpu_gramian_loop_is_measured_or_pinned(monkeypatch):
+    # The CPU loop for T <= _OUTER_MAX_T is measured once per process and T (a bool, the same
+    # each time it is asked), can be pinned by an environment variable (checked), and is never
+    # the outer-product loop past _OUTER_MAX_T.
+    from mtlopt._src import tree as tr
+
+    assert tr._outer_loop_wins(5) in (True, False)
+    assert tr._outer_loop_wins(5) == tr._outer_loop_wins(5)
+    assert tr._outer_loop_wins(tr._OUTER_MAX_T + 1) is False
+    tr._outer_loop_wins.cache_clear()
+    try:
+        for pinned, expected in (("outer", True), ("dot", False)):
+            monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, pinned)
+            assert tr._outer_loop_wins(6) is expected
+            tr._outer_loop_wins.cache_clear()
+        monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "fast")
+        with pytest.raises(ValueError, match=f"mtlopt.gramian: {tr.GRAMIAN_LOOP_ENV}"):
+            mtlopt.gramian(jnp.ones((6, 3)))
+    finally:
+        tr._outer_loop_wins.cache_clear()
 
 
 def test_task_weights_searches_nested_states():

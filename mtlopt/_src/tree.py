@@ -8,10 +8,14 @@ leaves themselves: they call :func:`gramian` (pass 1), solve a small problem on 
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
@@ -23,18 +27,23 @@ _optimization_barrier = getattr(lax, "optimization_barrier", lambda x: x)
 # How the Gramian is computed on XLA:CPU. GPU/TPU take one dot per leaf (cuBLAS/MXU are right).
 #
 # XLA:CPU hands f32 dots (and sum reductions) to its YNNPACK fusion, whose speed depends on the
-# CPU. Medians on two 2-core AMD EPYC machines, jax 0.10.2, a (10, 1e6) float32 leaf:
+# CPU. Medians on three 2-core AMD EPYC machines, jax 0.10.2, a (10, 1e6) float32 leaf:
 #   machine A: one dot 28.7-37.3 ms; fori_loop over 4096-column slices, one small dot each,
 #              6.5-8.3 ms; numpy J @ J.T 10.8-11.0, torch 14.5.
-#   machine B (Zen 1): one dot 70 ms; the 4096-column dot loop 38-40 ms, because a (10, C) x
-#              (C, 10) dot runs at 2.7 GFMA/s there (9.6 at T=32, 13.3 at T=64); dot loops
-#              over slices transposed first, batched dots over a (T, b, C/b) reshape: 34-40;
-#              numpy 14-15, torch 23-27.
-# So for small T (machine B: the dot loop's 9.4 / 5.2 / 39 / 30 / 47 / 130 ms at T = 2 / 4 / 10 /
-# 16 / 24 / 40) the loop body avoids dots and reductions altogether: it adds the outer products
-# of L-column slices, s[:, None, :] * s[None, :, :], into a (T, T, L) accumulator, a plain
-# elementwise fusion that XLA vectorises itself (machine B: 1.9 / 4.3 / 13-22 / 27 / 50 / 141 ms
-# at those T), and one small reduction over L ends it. Past _OUTER_MAX_T the dot's kernel wins.
+#   machine B (Zen 1, no AVX-512): one dot 70 ms; the 4096-column dot loop 38-40 ms, because a
+#              (10, C) x (C, 10) dot runs at 2.7 GFMA/s there (9.6 at T=32, 13.3 at T=64); dot
+#              loops over slices transposed first, batched dots over a (T, b, C/b) reshape:
+#              34-40; numpy 14-15, torch 23-27.
+#   machine C (Zen 4, AVX-512): one dot 42 ms; the dot loop 7.4-9.1; the outer-product loop
+#              below 11.5-12.5 (its best over 128-1024 lanes, 4-32 slices a step); numpy 11.1,
+#              torch 13.2. At T = 40: dot loop 45, outer loop 72.
+# On machine B, for small T (the dot loop's 9.4 / 5.2 / 39 / 30 / 47 / 130 ms at T = 2 / 4 / 10 /
+# 16 / 24 / 40) a loop body without dots or reductions wins: it adds the outer products of
+# L-column slices, s[:, None, :] * s[None, :, :], into a (T, T, L) accumulator, a plain
+# elementwise fusion that XLA vectorises itself (1.9 / 4.3 / 13-22 / 27 / 50 / 141 ms at those
+# T), and one small reduction over L ends it. On machines A and C the dot loop wins. So which
+# loop runs for T <= _OUTER_MAX_T is measured once per process and T on the machine itself
+# (_outer_loop_wins); past _OUTER_MAX_T the dot loop always runs.
 # Forms measured and dropped on machine B: the symmetric half via rolled or concatenated rows
 # (52-100 ms: the concatenates become selects), a broadcast-multiply-reduce (XLA rewrites it into
 # the same dot), two independent loops over halves (no gain: the loop body's fusion is already
@@ -99,13 +108,64 @@ def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax
     return lax.fori_loop(0, n, body, acc) if n else acc
 
 
+# The measurement behind _outer_loop_wins: a (T, _PROBE_COLUMNS) float32 array, the fastest of
+# _PROBE_CALLS calls of each loop. The outer-product loop must win by _PROBE_MARGIN, so that
+# machines where the two are close always take the dot loop instead of a choice that timing
+# noise could flip from one process to the next (machine B: 2-3x at T = 10, 1.1x at T = 16).
+_PROBE_COLUMNS = 1 << 18
+_PROBE_CALLS = 5
+_PROBE_MARGIN = 1.3
+# "outer" or "dot" skips the measurement and takes that loop for T <= _OUTER_MAX_T.
+GRAMIAN_LOOP_ENV = "MTLOPT_CPU_GRAMIAN_LOOP"
+
+
+@functools.cache
+def _outer_loop_wins(T: int) -> bool:
+    """Whether the outer-product loop beats the dot loop here, for T tasks (see the top).
+
+    Measured once per process and ``T``, at trace time, on this machine's CPU device (~0.3 s:
+    two small compilations, ten short calls). Not measured, and the dot loop taken, where the
+    answer is already known or must agree across processes: past ``_OUTER_MAX_T``, when JAX's
+    default backend is not the CPU (this branch then only runs for arrays placed on the CPU
+    explicitly), and with several processes (jax.distributed), where every process must compile
+    the same program.
+    """
+    pinned = os.environ.get(GRAMIAN_LOOP_ENV, "")
+    if pinned not in ("", "outer", "dot"):
+        raise ValueError(
+            f"mtlopt.gramian: {GRAMIAN_LOOP_ENV} must be 'outer' or 'dot', got {pinned!r}"
+        )
+    if T > _OUTER_MAX_T:
+        return False
+    if pinned:
+        return pinned == "outer"
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return False
+    cpu = jax.devices("cpu")[0]
+    probe = np.random.default_rng(0).standard_normal((T, _PROBE_COLUMNS), dtype=np.float32)
+    best = {}
+    with jax.ensure_compile_time_eval():  # run now, even inside the caller's trace
+        x = jax.device_put(probe, cpu)
+        for outer in (True, False):
+            fn = jax.jit(lambda m, outer=outer: _cpu_gramian([m], None, outer=outer))
+            fn = fn.lower(x).compile()
+            jax.block_until_ready(fn(x))
+            times = []
+            for _ in range(_PROBE_CALLS):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(x))
+                times.append(time.perf_counter() - start)
+            best[outer] = min(times)
+    return best[True] * _PROBE_MARGIN < best[False]
+
+
 def _cpu_gramian(
     matrices: list[jax.Array],
     scale: jax.Array | None,
     outer: bool | None = None,
     small_leaf: int = _SMALL_LEAF,
 ) -> jax.Array:
-    """Pass 1 on XLA:CPU: the outer-product loop (T <= _OUTER_MAX_T) or the dot loop.
+    """Pass 1 on XLA:CPU: the outer-product loop (where it wins, see top) or the dot loop.
 
     Leaves of at most ``small_leaf`` columns take one dot on either path: as fast there (a
     model of 180 such leaves, 1e6 parameters: 18.7 ms by dots, 17.2 by outer products), and a
@@ -118,7 +178,7 @@ def _cpu_gramian(
     independent of the big leaves' loops; 0 of 8 with the chain).
     """
     T = matrices[0].shape[0]
-    outer = T <= _OUTER_MAX_T if outer is None else outer
+    outer = _outer_loop_wins(T) if outer is None else outer
     acc = jnp.zeros((T, T, _LANES) if outer else (T, T), jnp.float32)
     for m in matrices:
         acc, m = _optimization_barrier((acc, m))
