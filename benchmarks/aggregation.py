@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import platform
 import random
 import statistics
 import sys
@@ -302,23 +303,43 @@ def _fmt(x: float | None, spec: str = ".2f", na: str = "n/a") -> str:
     return format(x, spec)
 
 
-def gramian_loop(T: int) -> str:
-    """Which loop mtlopt.gramian runs on this CPU for T tasks, and the one-off probe's time.
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where Linux reports them (the
+    same name covers CPUs whose matmul kernels differ by 3x: see mtlopt/_src/tree.py)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v)
+    except OSError:
+        return name
+    name = info.get("model name", name)
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
-    The probe runs at the first trace for each T in a process: done here, before any compile
-    is timed, so that the compile column holds only each method's own compilation.
+
+def one_offs(T: int) -> str:
+    """What the first trace in a process pays once, done here before any compile is timed.
+
+    mtlopt.gramian's probe of which CPU loop wins (per T), and JAX's first LU lowering on CPU,
+    which imports scipy.linalg for its LAPACK kernels (0.29 s of cagrad's first compile in a
+    profile). The compile column then holds only each method's own compilation.
     """
     from mtlopt._src import tree
 
     start = time.perf_counter()
     outer = tree._outer_loop_wins(T)
-    seconds = time.perf_counter() - start
-    return f"CPU Gramian loop: {'outer products' if outer else 'dots'} (probe {seconds:.2f} s)"
+    probe = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.jit(jax.scipy.linalg.lu_factor).lower(jnp.eye(2)).compile()
+    lapack = time.perf_counter() - start
+    loop = "outer products" if outer else "dots"
+    return f"CPU Gramian loop: {loop} (probe {probe:.2f} s; first LU lowering {lapack:.2f} s)"
 
 
 def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed: int) -> bool:
     """Times everything at one (T, P), prints the table, returns whether every target passed."""
-    loop = gramian_loop(T)
+    loop = one_offs(T)
     J, losses_np = make_task_grads(T, P, seed)
     grads = {"w": jnp.asarray(J)}
     params = {"w": jnp.zeros((P,), jnp.float32)}
@@ -349,7 +370,7 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
     print(
         f"\nmtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
         f"float32 task grads T={T}, P={P:.0e} ({T * P * 4 / 2**20:.0f} MiB), "
-        f"median of {len(methods[0].times)} calls, {threads} threads"
+        f"median of {len(methods[0].times)} calls, {threads} threads, {cpu_name()}"
         + (f", torch {torch.__version__}" if torch is not None else ", TorchJD: not installed")
         + f"; {loop}"
     )
@@ -428,7 +449,7 @@ def run_sweep(Ts, Ps, repeats, threads, use_torch, seed, budget_s, out_dir: Path
     for T in Ts:
         for P in Ps:
             start = time.perf_counter()
-            print(f"T={T}: {gramian_loop(T)}", flush=True)
+            print(f"T={T}: {one_offs(T)}", flush=True)
             J, losses_np = make_task_grads(T, P, seed)
             grads = {"w": jnp.asarray(J)}
             params = {"w": jnp.zeros((P,), jnp.float32)}
@@ -474,7 +495,7 @@ def write_sweep(rows: list[dict], out_dir: Path, have_torch: bool, threads: int)
         "# Aggregation sweep",
         "",
         f"mtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
-        f"float32, {threads} threads, median per-call ms. Written by "
+        f"float32, {threads} threads, {cpu_name()}, median per-call ms. Written by "
         "`python benchmarks/aggregation.py --sweep`.",
         "",
         "numpy floor: `w @ J` (mean, db_mtl) or `J @ J.T` + `w @ J` (Gramian methods).",

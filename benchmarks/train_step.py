@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import importlib.metadata
 import os
-import platform
 import random
 import sys
 import time
@@ -55,7 +54,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregation import Bench  # the same timed-function record
+from aggregation import Bench, cpu_name  # the same timed-function record, CPU name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.md"
 WARMUP = 2
@@ -514,12 +513,7 @@ def environment(threads: int, torch_mods) -> str:
         tv = f"torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}"
     else:
         tv = "torch / TorchJD: not run (n/a)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (
         f"mtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
         f"optax {optax.__version__}, {tv}; {threads} threads (torch.set_num_threads; XLA uses "
