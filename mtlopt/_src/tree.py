@@ -201,6 +201,11 @@ def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
     bfloat16 matmul units do not change it. With ``scale``, the Gramian of ``scale * grads``
     (applied chunk by chunk, without a scaled copy).
 
+    On GPU/TPU it is one matmul per leaf. On CPU, large leaves go through a loop over column
+    chunks; for up to 16 tasks, which of two loops is faster depends on the CPU, and the first
+    trace in a process times both (0.3-0.5 s, once per number of tasks). The environment
+    variable ``MTLOPT_CPU_GRAMIAN_LOOP`` (``dot`` or ``outer``) pins it instead.
+
     Examples:
         >>> import jax.numpy as jnp, mtlopt
         >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]]), "b": jnp.array([[2.0], [0.0]])}
