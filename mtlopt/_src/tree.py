@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mtlopt._src import checks
+
 HIGHEST = lax.Precision.HIGHEST
 
 # Public, with a batching rule, in later jax. The oldest jax we support (0.4.30) has it only
@@ -123,18 +125,16 @@ GRAMIAN_LOOP_ENV = "MTLOPT_CPU_GRAMIAN_LOOP"
 def _outer_loop_wins(T: int) -> bool:
     """Whether the outer-product loop beats the dot loop here, for T tasks (see the top).
 
-    Measured once per process and ``T``, at trace time, on this machine's CPU device (~0.3 s:
+    Measured once per process and ``T``, at trace time, on this machine's CPU device (0.3-0.5 s:
     two small compilations, ten short calls). Not measured, and the dot loop taken, where the
     answer is already known or must agree across processes: past ``_OUTER_MAX_T``, when JAX's
     default backend is not the CPU (this branch then only runs for arrays placed on the CPU
     explicitly), and with several processes (jax.distributed), where every process must compile
     the same program.
     """
-    pinned = os.environ.get(GRAMIAN_LOOP_ENV, "")
-    if pinned not in ("", "outer", "dot"):
-        raise ValueError(
-            f"mtlopt.gramian: {GRAMIAN_LOOP_ENV} must be 'outer' or 'dot', got {pinned!r}"
-        )
+    pinned = checks.choice(
+        "gramian", GRAMIAN_LOOP_ENV, os.environ.get(GRAMIAN_LOOP_ENV, ""), ("", "outer", "dot")
+    )
     if T > _OUTER_MAX_T:
         return False
     if pinned:
@@ -148,8 +148,7 @@ def _outer_loop_wins(T: int) -> bool:
         x = jax.device_put(probe, cpu)
         for outer in (True, False):
             fn = jax.jit(lambda m, outer=outer: _cpu_gramian([m], None, outer=outer))
-            fn = fn.lower(x).compile()
-            jax.block_until_ready(fn(x))
+            jax.block_until_ready(fn(x))  # compiles
             times = []
             for _ in range(_PROBE_CALLS):
                 start = time.perf_counter()
