@@ -54,9 +54,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregation import Bench, cpu_name  # the same timed-function record, CPU name
+from aggregation import MALLOC_MODES, Bench, cpu_name, set_malloc  # shared with aggregation.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.md"
+RESULTS_RETAIN = RESULTS.with_name("train_step_retain.md")  # with --malloc retain
 WARMUP = 2
 
 
@@ -507,7 +508,7 @@ def run_case(case: Case, steps: int, threads: int, torch_mods, seed: int) -> lis
     return lines
 
 
-def environment(threads: int, torch_mods) -> str:
+def environment(threads: int, torch_mods, allocator: str) -> str:
     torch = torch_mods[0]
     if torch is not None:
         tv = f"torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}"
@@ -517,7 +518,7 @@ def environment(threads: int, torch_mods) -> str:
     return (
         f"mtlopt {mtlopt.__version__}, jax {jax.__version__} ({jax.default_backend()}), "
         f"optax {optax.__version__}, {tv}; {threads} threads (torch.set_num_threads; XLA uses "
-        f"its default pool), {cpu}, float32."
+        f"its default pool), {cpu}, float32; {allocator}."
     )
 
 
@@ -543,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip torch and TorchJD")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--malloc",
+        choices=MALLOC_MODES,
+        default="glibc",
+        help="retain: glibc keeps freed memory instead of returning large blocks to the kernel "
+        f"(see aggregation.py; full mode writes {RESULTS_RETAIN.name})",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help=f"Markdown file (full mode default: {RESULTS})"
     )
     args = p.parse_args(argv)
@@ -554,13 +562,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown cases {unknown}; choose from {list(CASES)}")
         cases = {k: CASES[k] for k in args.cases}
+    allocator = set_malloc(args.malloc)
     torch_mods = (None, None, None) if args.no_torch else load_torch(args.threads)
 
     lines = [
         "# Training step: mtlopt (JAX) vs TorchJD",
         "",
-        environment(args.threads, torch_mods),
-        "Written by `python benchmarks/train_step.py" + (" --quick" if args.quick else "") + "`.",
+        environment(args.threads, torch_mods, allocator),
+        "Written by `python benchmarks/train_step.py"
+        + (" --quick" if args.quick else "")
+        + (" --malloc retain" if args.malloc == "retain" else "")
+        + "`.",
         "",
     ]
     for case in cases.values():
@@ -574,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [NOTES]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or (None if args.quick else RESULTS)
+    out = args.out or (
+        None if args.quick else RESULTS_RETAIN if args.malloc == "retain" else RESULTS
+    )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

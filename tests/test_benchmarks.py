@@ -45,7 +45,8 @@ def test_aggregation_quick():
 
 
 def test_train_step_quick():
-    out = _run("train_step.py", "--steps", "2")
+    out = _run("train_step.py", "--steps", "2", "--malloc", "retain")
+    assert "malloc retaining freed memory" in out
     assert "### Shared-trunk MLP" in out and "### JaxJD's case" in out
     for method in ["mean", "linear", "cagrad", "mgda", "pcgrad", "db_mtl", "task grads only"]:
         assert f"\n| {method} | " in out, f"{method!r} missing from:\n{out}"
