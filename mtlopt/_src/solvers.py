@@ -66,18 +66,24 @@ def spectral_bound(G: jax.Array) -> jax.Array:
     return jnp.minimum(fro, rows)
 
 
-def normalize(G: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``G`` over the active tasks scaled to trace = number of active tasks, and the factor.
+def normalize(G: jax.Array, mask: jax.Array) -> jax.Array:
+    """``G`` over the active tasks scaled to trace = number of active tasks.
 
-    Entries of inactive tasks are set to zero. A zero Gramian stays zero (factor 1).
+    Entries of inactive tasks are set to zero. A zero Gramian stays zero. For traces above
+    ~1e38 (float32) the factor ``count / trace`` is subnormal and XLA:CPU flushes it to zero
+    (as it would ``1 / trace``, which XLA may put in place of a division): there it is
+    applied as two factors ``sqrt(count / trace)``.
     """
     both = mask[:, None] & mask[None, :]
     G = jnp.where(both, G, 0.0)
     trace = jnp.trace(G)
     active = jnp.sum(mask).astype(G.dtype)
     ok = trace > 0
-    factor = jnp.where(ok, active / jnp.where(ok, trace, 1.0), 1.0)
-    return G * factor, factor
+    trace = jnp.where(ok, trace, 1.0)
+    factor = active / trace
+    r = jnp.sqrt(active) / jnp.sqrt(trace)
+    scaled = jnp.where(factor >= jnp.finfo(G.dtype).tiny, G * factor, (G * r) * r)
+    return jnp.where(ok, scaled, G)
 
 
 def project(v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -142,7 +142,7 @@ def mgda(
         # own (possibly pre-scaled) units, so huge or tiny norms cannot over- or underflow.
         m = n / ctx.gram_scale if normalization in ("l2", "loss+") else n
         Gd = (G / m[:, None]) / m[None, :]
-        Gn, _ = solvers.normalize(Gd, ctx.mask)
+        Gn = solvers.normalize(Gd, ctx.mask)
         w, info = solvers.min_norm(Gn, _warm_start(ctx), ctx.mask, tol=tol, max_iters=max_iters)
         return w / n, _solver_extras(ctx, w, info)
 
@@ -262,7 +262,7 @@ def cagrad(
             b = jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
         if c == 0.0:
             return b / divisor, {}
-        Gn, _ = solvers.normalize(ctx.gram, mask)
+        Gn = solvers.normalize(ctx.gram, mask)
         rho = c * jnp.sqrt(jnp.maximum(solvers.quad(Gn, b), 0.0))
         w, info = solvers.cagrad_dual(
             Gn, b, rho, _warm_start(ctx), mask, tol=tol, max_iters=max_iters

@@ -98,7 +98,7 @@ def pcgrad(
         key, sub = jax.random.split(rng.wrap(ctx.state.key))
         T = ctx.T
         others = jax.vmap(lambda k: jax.random.permutation(k, T))(jax.random.split(sub, T))
-        Gn, _ = solvers.normalize(ctx.gram, ctx.mask)
+        Gn = solvers.normalize(ctx.gram, ctx.mask)
         return pcgrad_weights(Gn, others, ctx.mask), {"key": jax.random.key_data(key)}
 
     method = build.Method(
