@@ -266,7 +266,7 @@ def test_nonfinite_inputs_skip_the_step(row):
     tx, _ = cached(row, T)
     state = tx.init(inputs.params())
     _, state = _step(row, J, state=state)
-    for bad in (np.nan, np.inf):
+    for bad in (np.nan, np.inf, -np.inf):
         Jb = J.copy()
         Jb[1, 3] = bad
         u, new = _step(row, Jb, state=state)

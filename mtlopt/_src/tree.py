@@ -283,14 +283,16 @@ def all_finite(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
 
-    # max |x| <= finfo.max is False for NaN (comparisons with NaN fail) and for inf. Measured
-    # (P=1e6 float32, XLA:CPU): 0.46 ms, against 0.81 ms for jnp.all(jnp.isfinite(x)), which
-    # materialises a P-sized bool array and reduces it in several steps.
+    # The sum of each leaf scaled by 2**-40: a NaN or an inf anywhere (inf - inf too) leaves it
+    # non-finite, as IEEE addition always propagates them; the scale is a power of two, so no
+    # finite element becomes inf, and a sum of fewer than ~1e12 scaled elements cannot overflow.
+    # Not max |x| <= finfo.max: XLA:CPU's vectorised max reduction drops NaNs (measured here,
+    # jax 0.10: a NaN at any position of a 4096- or 1e5-element vector went unseen, so mean()
+    # let a NaN update through). The sum also costs less: 0.08 ms against 0.16 ms at P = 1e6.
     def leaf(x):
-        top = jnp.max(jnp.abs(x)).astype(jnp.float32)
-        return top <= jnp.finfo(jnp.float32).max
+        return jnp.sum(x.astype(jnp.float32) * jnp.float32(2.0**-40))
 
-    return jnp.stack([leaf(x) for x in leaves]).all()
+    return jnp.isfinite(jnp.sum(jnp.stack([leaf(x) for x in leaves])))
 
 
 def where_tree(cond: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -303,7 +305,10 @@ def zeros_like_params(task_grads: Any) -> Any:
 
 
 def max_abs(task_grads: Any) -> jax.Array:
-    """The largest absolute entry over all leaves, float32 (inf or NaN if any entry is)."""
+    """The largest absolute entry over all leaves, float32 (inf if any entry is).
+
+    Not a NaN test: XLA:CPU's vectorised max reduction may drop NaNs (see :func:`all_finite`).
+    """
     return jnp.max(
         jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(task_grads)])
     )
