@@ -440,6 +440,28 @@ def test_degenerate_gramians_give_finite_weights(method, dtype):
 
 
 @pytest.mark.parametrize("method", ["mgda", "cagrad"])
+def test_two_tasks_closed_form_masks_and_edges(method):
+    """T = 2 takes a closed form (no loop): one active task gets weight 1, none gives 0, equal
+    gradients keep the start, exactly opposite ones meet at 0 (MGDA's 1/2, 1/2), and a task
+    whose gradient contains the other's direction at a larger norm yields (MGDA) to it."""
+    J = gradients("random", 2, 3)
+    for mask, expected in (([True, False], [1.0, 0.0]), ([False, True], [0.0, 1.0])):
+        w, info = solve(method, J, 0.4, mask=mask)
+        np.testing.assert_array_equal(w, expected)
+        assert info.num_steps == 0 and info.converged
+    w, info = solve(method, J, 0.4, mask=[False, False])
+    np.testing.assert_array_equal(w, 0.0)
+    w, info = solve(method, np.ones((2, 3)), 0.4, w0=np.array([0.3, 0.7]))
+    np.testing.assert_allclose(w, [0.3, 0.7], atol=1e-6)
+    assert info.converged
+    if method == "mgda":
+        w, _ = solve(method, np.array([[1.0, 2.0], [-1.0, -2.0]]))
+        np.testing.assert_allclose(w, [0.5, 0.5], atol=1e-6)
+        w, _ = solve(method, np.array([[1.0, 0.0], [3.0, 0.0]]))
+        np.testing.assert_allclose(w, [1.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mgda", "cagrad"])
 def test_nonfinite_gramian_stops(method):
     """A NaN Gramian: the loop ends at once, unconverged (the callers skip such steps: the
     update is NaN whatever the weights)."""

@@ -25,6 +25,9 @@ the previous step's solution it usually stops after one step: the Newton step on
 face is exact for MGDA, and so is the face solve for CAGrad; from the uniform weights it takes
 a few (up to ~40 on hard float32 problems, T <= 64).
 
+Two tasks take closed forms instead (the simplex is a segment: the minimum of a convex function
+of one variable), no loop: exact, and no host round trip on accelerators (``_two_tasks``).
+
 Callers hand in a trace-normalised Gramian (``trace = T``), so ``tol`` is relative to
 ``trace(G) / T`` and the same numbers suit gradients of any scale. Everything follows the
 Gramian's dtype (float32, or float64 with ``jax_enable_x64``).
@@ -107,6 +110,29 @@ def uniform(mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
 
 def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
+
+
+def _gap(w, f, g, mask, lower_bound):
+    """The reported gap: the Frank-Wolfe gap, or ``F(w) - lower_bound`` where that is smaller."""
+    gap = fw_gap(w, g, mask)
+    return gap if lower_bound is None else jnp.minimum(gap, f - lower_bound)
+
+
+def _two_tasks(a, free, w0, mask, value_and_grad, lower_bound, tol):
+    """The answer for T = 2 from ``a``, the weight of task 0 on the segment ``(a, 1 - a)``.
+
+    Where ``free``, every point is optimal and the (projected) start is kept. One active task
+    takes weight 1, none leaves 0. Reported as the loop would: 0 steps, the gap at the answer.
+    Two tasks have closed forms (the minimum of a convex function of one variable on [0, 1]):
+    no ``lax.while_loop``, so no host round trip per step on accelerators, and no rounding
+    floor from a stopping rule.
+    """
+    start = project(w0, mask)
+    a = jnp.where(free | ~jnp.isfinite(a), start[0], jnp.clip(a, 0.0, 1.0))
+    w = jnp.where(mask[0] & mask[1], jnp.stack([a, 1.0 - a]), mask.astype(w0.dtype))
+    f, g = value_and_grad(w)
+    gap = _gap(w, f, g, mask, lower_bound)
+    return w, SolverInfo(jnp.zeros((), jnp.int32), gap, gap <= tol)
 
 
 def _kkt_solve(
@@ -229,10 +255,7 @@ def minimize_on_simplex(
     T = w.shape[0]
 
     def gap_of(w, f, g):
-        gap = fw_gap(w, g, mask)
-        if lower_bound is not None:
-            gap = jnp.minimum(gap, f - lower_bound)
-        return gap
+        return _gap(w, f, g, mask, lower_bound)
 
     def rounding(c):
         # The rounding level of F, of the order of sum_i w_i |grad_i| for F = w^T G w and for
@@ -375,10 +398,20 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
         Gw = matvec(G, w)
         return jnp.dot(w, Gw, precision=HIGHEST), 2.0 * Gw
 
+    w0 = jnp.asarray(w0).astype(G.dtype)
+    if G.shape[0] == 2:
+        # |a g0 + (1 - a) g1|^2 is least at a = <g1, g1 - g0> / |g0 - g1|^2 (clipped to [0, 1]);
+        # identical gradients: every point.
+        dist2 = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]  # |g0 - g1|^2
+        free = dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
+        a = (G[1, 1] - G[0, 1]) / jnp.where(free, 1.0, dist2)
+        zero = jnp.zeros((), G.dtype)
+        return _two_tasks(a, free, w0, mask, value_and_grad, zero, tol)
+
     return minimize_on_simplex(
         value_and_grad,
         lambda y: L,
-        jnp.asarray(w0).astype(G.dtype),
+        w0,
         mask,
         tol=tol,
         max_iters=max_iters,
@@ -468,6 +501,25 @@ def cagrad_dual(
     c = rho / jnp.where(g0_norm > 0, g0_norm, 1.0)
     lower = jnp.maximum(1.0 - c, 0.0) * jnp.min(jnp.where(mask, Gb, jnp.inf))
     lower = jnp.where(jnp.any(mask), lower, 0.0)
+
+    if G.shape[0] == 2:
+        # On w = (a, 1 - a): F(a) = const + c1 a + rho sqrt(qa a^2 + 2 qb a + qc). With
+        # s = qa a + qb, qa q = s^2 + det (det = qa qc - qb^2 >= 0), F'(a) = 0 at
+        # s = -c1 sqrt(det / (qa rho^2 - c1^2)) where qa rho^2 > c1^2 (F convex: clip to [0, 1]);
+        # otherwise F is monotone, least at the end c1 points away from. qa = 0 (equal
+        # gradients): F is linear in a.
+        qa = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]  # |g0 - g1|^2
+        qb = G[0, 1] - G[1, 1]
+        det = jnp.maximum(G[0, 0] * G[1, 1] - G[0, 1] * G[0, 1], 0.0)
+        c1 = Gb[0] - Gb[1]
+        flat = qa <= 8.0 * jnp.finfo(dtype).eps * (G[0, 0] + G[1, 1])
+        den = qa * rho * rho - c1 * c1
+        bounded = ~flat & (den > 0)
+        s = -c1 * jnp.sqrt(det / jnp.where(bounded, den, 1.0))
+        end = jnp.where(c1 > 0, 0.0, 1.0)
+        a = jnp.where(bounded, (s - qb) / jnp.where(flat, 1.0, qa), end)
+        free = (flat | (den <= 0)) & (c1 == 0)
+        return _two_tasks(a, free, jnp.asarray(w0).astype(dtype), mask, value_and_grad, lower, tol)
 
     return minimize_on_simplex(
         value_and_grad,
