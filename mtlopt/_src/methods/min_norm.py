@@ -95,7 +95,8 @@ def mgda(
       eps: a norm or loss below ``eps`` counts as ``eps`` in ``n_t`` (no division by zero).
       tol: the solver stops when its Frank-Wolfe gap, an upper bound on the excess squared
         norm, is at most ``tol * trace(G) / T``.
-      max_iters: the solver's iteration cap.
+      max_iters: the solver's iteration cap. (Two tasks take a closed form: no loop, exact;
+        ``tol`` and ``max_iters`` are then unused.)
       task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
       nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
 
@@ -198,7 +199,8 @@ def cagrad(
       g0_weights: ``(T,)`` weights that make ``g0`` from the given gradients; default ``1/T``.
       tol: the solver stops when its Frank-Wolfe gap (an upper bound on ``F(w) - F*``) is at
         most ``tol * trace(G) / T``.
-      max_iters: the solver's iteration cap.
+      max_iters: the solver's iteration cap. (Two tasks take a closed form: no loop, exact;
+        ``tol`` and ``max_iters`` are then unused.)
       task_specific: which leaves are task-specific (per-task heads): a pytree of bools shaped
         like the params, or a callable mapping such a tree to one. Those leaves stay out of the
         Gramian and the solve; each follows its own task's gradient (``sum_t`` of its rows).
