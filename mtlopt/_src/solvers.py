@@ -118,6 +118,12 @@ def _gap(w, f, g, mask, lower_bound):
     return gap if lower_bound is None else jnp.minimum(gap, f - lower_bound)
 
 
+def _spread(G: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For T = 2: ``|g0 - g1|^2`` and whether it is zero up to rounding (equal gradients)."""
+    dist2 = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]
+    return dist2, dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
+
+
 def _two_tasks(a, free, w0, mask, value_and_grad, lower_bound, tol):
     """The answer for T = 2 from ``a``, the weight of task 0 on the segment ``(a, 1 - a)``.
 
@@ -402,8 +408,7 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
     if G.shape[0] == 2:
         # |a g0 + (1 - a) g1|^2 is least at a = <g1, g1 - g0> / |g0 - g1|^2 (clipped to [0, 1]);
         # identical gradients: every point.
-        dist2 = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]  # |g0 - g1|^2
-        free = dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
+        dist2, free = _spread(G)
         a = (G[1, 1] - G[0, 1]) / jnp.where(free, 1.0, dist2)
         zero = jnp.zeros((), G.dtype)
         return _two_tasks(a, free, w0, mask, value_and_grad, zero, tol)
@@ -508,11 +513,10 @@ def cagrad_dual(
         # s = -c1 sqrt(det / (qa rho^2 - c1^2)) where qa rho^2 > c1^2 (F convex: clip to [0, 1]);
         # otherwise F is monotone, least at the end c1 points away from. qa = 0 (equal
         # gradients): F is linear in a.
-        qa = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]  # |g0 - g1|^2
+        qa, flat = _spread(G)
         qb = G[0, 1] - G[1, 1]
         det = jnp.maximum(G[0, 0] * G[1, 1] - G[0, 1] * G[0, 1], 0.0)
         c1 = Gb[0] - Gb[1]
-        flat = qa <= 8.0 * jnp.finfo(dtype).eps * (G[0, 0] + G[1, 1])
         den = qa * rho * rho - c1 * c1
         bounded = ~flat & (den > 0)
         s = -c1 * jnp.sqrt(det / jnp.where(bounded, den, 1.0))
