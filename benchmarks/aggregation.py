@@ -225,12 +225,14 @@ def perturbed(J: np.ndarray, seed: int) -> np.ndarray:
 
 
 def jax_reference_benches(grads, T: int, P: int) -> list[Bench]:
+    from mtlopt._src import native
+
     w = jnp.full((T,), 1.0 / T, jnp.float32)
     out = []
-    for name, fn, args in [
-        ("gramian", mtlopt.gramian, (grads,)),
-        ("combine", mtlopt.combine, (w, grads)),
-    ]:
+    cases = [("gramian", mtlopt.gramian, (grads,)), ("combine", mtlopt.combine, (w, grads))]
+    if native.available():  # the pure-JAX Gramian it replaces, side by side
+        cases.append(("gramian, no kernel", _pure_gramian, (grads,)))
+    for name, fn, args in cases:
         compiled, seconds, temp = _compile(fn, args, {})
 
         def call(compiled=compiled, args=args):
@@ -238,6 +240,14 @@ def jax_reference_benches(grads, T: int, P: int) -> list[Bench]:
 
         out.append(Bench(name, call, info={"compile_s": seconds, "temp_bytes": temp}))
     return out
+
+
+def _pure_gramian(grads):
+    """mtlopt.gramian on the CPU without the native kernel (MTLOPT_NATIVE=0 does the same)."""
+    from mtlopt._src import tree
+
+    leaves = [tree.as_matrix(x) for x in jax.tree.leaves(grads)]
+    return tree._cpu_gramian(leaves, None, use_native=False)
 
 
 def numpy_benches(J: np.ndarray) -> list[Bench]:
@@ -351,16 +361,18 @@ def one_offs(T: int) -> str:
     which imports scipy.linalg for its LAPACK kernels (0.29 s of cagrad's first compile in a
     profile). The compile column then holds only each method's own compilation.
     """
-    from mtlopt._src import tree
+    from mtlopt._src import native, tree
 
     start = time.perf_counter()
-    outer = tree._outer_loop_wins(T)
+    kernel = T <= native.MAX_TASKS and native.available()
+    outer = tree._outer_loop_wins(T)  # (what runs without the kernel, and for bfloat16)
     probe = time.perf_counter() - start
     start = time.perf_counter()
     jax.jit(jax.scipy.linalg.lu_factor).lower(jnp.eye(2)).compile()
     lapack = time.perf_counter() - start
     loop = "outer products" if outer else "dots"
-    return f"CPU Gramian loop: {loop} (probe {probe:.2f} s; first LU lowering {lapack:.2f} s)"
+    way = f"native kernel (else loop: {loop})" if kernel else f"loop: {loop}"
+    return f"CPU Gramian: {way} (check and probe {probe:.2f} s; first LU lowering {lapack:.2f} s)"
 
 
 def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed: int) -> bool:
@@ -435,7 +447,8 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
     print("-" * len(head))
     for b in refs:
         temp = b.info["temp_bytes"]
-        label = "mtlopt." + b.name + ("(grads)" if b.name == "gramian" else "(w, grads)")
+        args = "(w, grads)" if b.name == "combine" else "(grads)"
+        label = "mtlopt." + b.name.replace(",", args + ",") + ("" if "," in b.name else args)
         print(
             f"{label:<{W}}{b.ms:>9.2f}{b.ms / ref_ms['mean']:>8.2f}"
             f"{b.ms / ref_ms['gramian+mean']:>8.2f}  {'':<14}{'':<7}"

@@ -9,6 +9,7 @@ import pytest
 import scipy.optimize
 
 import mtlopt
+from mtlopt._src import native
 from mtlopt._src.methods.projection import pcgrad_weights
 
 
@@ -479,10 +480,10 @@ def test_gramian_and_combine():
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_gramian_formulation_matches_float64(T, dtype):
-    # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, by T and a
-    # measurement: test all three directly, on leaves that are tiny, a few slices, and past the
-    # one-dot limit (two such leaves share the outer loop's accumulator; one ends in 2.3
-    # slices, one in whole loop steps); with and without a scale.
+    # gramian() picks one of these per platform (GPU/TPU: one dot) and, on CPU, the native
+    # kernel where built, else by T and a measurement: test each directly, on leaves that are
+    # tiny, a few slices, and past the one-dot limit (two such leaves share the outer loop's
+    # accumulator; one ends in 2.3 slices, one in whole loop steps); with and without a scale.
     from mtlopt._src import tree as tr
 
     big = tr._SMALL_LEAF + tr._OUTER_COLUMNS
@@ -494,12 +495,17 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
     for scale in (None, jnp.float32(0.25)):
         ref = (M @ M.T) * (1.0 if scale is None else 0.0625)
         forms = {
-            "outer": tr._cpu_gramian(mats, scale, outer=True, small_leaf=0),
-            "dot loop": tr._cpu_gramian(mats, scale, outer=False, small_leaf=0),
+            "outer": tr._cpu_gramian(mats, scale, outer=True, small_leaf=0, use_native=False),
+            "dot loop": tr._cpu_gramian(mats, scale, outer=False, small_leaf=0, use_native=False),
             "cpu": tr._cpu_gramian(mats, scale),
             "one dot": tr._one_dot_gramian(mats, scale),
             "public": mtlopt.gramian(leaves, scale),
         }
+        if native.available():  # (float32 leaves only; bfloat16 ones still take the loops)
+            forms["native"] = tr._cpu_gramian(mats, scale, small_leaf=0, use_native=True)
+            forms["native, outer"] = tr._cpu_gramian(
+                mats, scale, outer=True, small_leaf=0, use_native=True
+            )
         for name, got in forms.items():
             assert got.dtype == jnp.float32, name
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3, err_msg=name)

@@ -1,0 +1,223 @@
+// mtlopt's optional CPU kernels, called from JAX through XLA's FFI (jax.ffi.ffi_call).
+//
+// Why: XLA:CPU computes the Gramian J J^T of a (T, P) float32 array slowly (a YNNPACK fusion for
+// the single dot: 27-42 ms at T = 10, P = 1e6; the chunked dot loop mtlopt uses without this
+// kernel: 7-9 ms, on one core), while the work is one pass over 4 P T bytes. This kernel packs
+// column panels (scaled, contiguous) into a small buffer, takes every pair's dot product from
+// there, and splits the columns over XLA's intra-op thread pool. See mtlopt/_src/native.py for
+// when it is used; everything here has a pure-JAX twin that is used otherwise.
+//
+// Determinism: the columns are cut into ranges by the pool's size alone, each range sums into
+// its own double-precision partial Gramian, and the partials are added in range order, so the
+// result does not depend on which thread ran which range.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;   // one 512-bit vector of floats, or two 256-bit ones
+constexpr int64_t kPanel = 256;  // columns per packed panel: T rows of 1 KB
+constexpr int64_t kPrefetchPanels = 4;
+constexpr int64_t kFlushPanels = 16;  // 4096 columns: 256 terms per float32 lane sum
+constexpr int64_t kMinRangeColumns = 1 << 15;  // below this, one thread does a range
+constexpr int64_t kMaxRanges = 64;
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define MTLOPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MTLOPT_CLONES
+#endif
+
+// lanes[(i * T + j) * kLanes + l] (j >= i) += sum over k = l mod kLanes of p_i[k] p_j[k], for
+// the packed panel p (T rows of kPanel floats). The per-lane sums stay in float32 over
+// kFlushPanels panels and are added up in double then (reducing the lanes after every panel cost
+// more than the dot products: 5.6-7.3 ms against 3 on one core at T = 10, P = 1e6).
+MTLOPT_CLONES void PanelPairs(const float* p, int64_t T, float* lanes) {
+  for (int64_t i = 0; i < T; ++i) {
+    const float* a = p + i * kPanel;
+    int64_t j = i;
+    for (; j + 4 <= T; j += 4) {
+      const float* b0 = p + j * kPanel;
+      const float* b1 = b0 + kPanel;
+      const float* b2 = b1 + kPanel;
+      const float* b3 = b2 + kPanel;
+      float* s0 = lanes + (i * T + j) * kLanes;
+      float* s1 = s0 + kLanes;
+      float* s2 = s1 + kLanes;
+      float* s3 = s2 + kLanes;
+      float t0[kLanes], t1[kLanes], t2[kLanes], t3[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        t0[l] = s0[l];
+        t1[l] = s1[l];
+        t2[l] = s2[l];
+        t3[l] = s3[l];
+      }
+      for (int64_t k = 0; k < kPanel; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float x = a[k + l];
+          t0[l] += x * b0[k + l];
+          t1[l] += x * b1[k + l];
+          t2[l] += x * b2[k + l];
+          t3[l] += x * b3[k + l];
+        }
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        s0[l] = t0[l];
+        s1[l] = t1[l];
+        s2[l] = t2[l];
+        s3[l] = t3[l];
+      }
+    }
+    for (; j < T; ++j) {
+      const float* b = p + j * kPanel;
+      float* s = lanes + (i * T + j) * kLanes;
+      float t[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) t[l] = s[l];
+      for (int64_t k = 0; k < kPanel; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) t[l] += a[k + l] * b[k + l];
+      }
+      for (int64_t l = 0; l < kLanes; ++l) s[l] = t[l];
+    }
+  }
+}
+
+// acc[i * T + j] += the sum of lanes[(i * T + j) * kLanes + :] for j >= i; the lanes zeroed.
+void FlushLanes(int64_t T, float* lanes, double* acc) {
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t j = i; j < T; ++j) {
+      float* s = lanes + (i * T + j) * kLanes;
+      double t = 0;
+      for (int64_t l = 0; l < kLanes; ++l) t += s[l];
+      acc[i * T + j] += t;
+      std::fill(s, s + kLanes, 0.0f);
+    }
+  }
+}
+
+// Copies scale * x[:, c0:c0 + w] into the panel buffer (rows of kPanel, zero-padded past w), and
+// asks for the rows kPrefetchPanels panels ahead (into L2), so that memory keeps streaming while
+// the dot products run. One thread, T = 10, P = 1e6: packing alone 2.4-4.0 ms without the
+// prefetch, 1.4-2.0 with it 4 panels ahead (1, 2, 8 ahead: 3.2-3.8, 2.0-2.2, 2.2-2.5; prefetch
+// into L1: 3.0-5.2); the whole pass 5.5-6.1 -> 3.8-4.3 ms. The hardware prefetchers alone do not
+// keep T streams 4 MB apart busy.
+MTLOPT_CLONES void Pack(const float* x, int64_t T, int64_t C, int64_t c0, int64_t w, float scale,
+                        float* p) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = x + t * C + c0;
+    float* out = p + t * kPanel;
+    if (c0 + (kPrefetchPanels + 1) * kPanel <= C) {
+      const float* ahead = row + kPrefetchPanels * kPanel;
+      for (int64_t k = 0; k < kPanel; k += 16) __builtin_prefetch(ahead + k, 0, 1);
+    }
+    for (int64_t k = 0; k < w; ++k) out[k] = scale * row[k];
+    for (int64_t k = w; k < kPanel; ++k) out[k] = 0.0f;
+  }
+}
+
+// The upper triangle of the Gramian of scale * x[:, c0:c1], added into acc (T * T doubles).
+void GramianRange(const float* x, int64_t T, int64_t C, int64_t c0, int64_t c1, float scale,
+                  double* acc) {
+  std::vector<float> panel(static_cast<size_t>(T * kPanel));
+  std::vector<float> lanes(static_cast<size_t>(T * T * kLanes));
+  int64_t panels = 0;
+  for (int64_t c = c0; c < c1; c += kPanel) {
+    const int64_t w = std::min(kPanel, c1 - c);
+    Pack(x, T, C, c, w, scale, panel.data());
+    PanelPairs(panel.data(), T, lanes.data());
+    if (++panels % kFlushPanels == 0) FlushLanes(T, lanes.data(), acc);
+  }
+  FlushLanes(T, lanes.data(), acc);
+}
+
+// Runs fn(r) for r in [0, n) on the calling thread and the pool. A range is claimed by whoever
+// gets to it first, so the caller never waits for a task the pool has not started (the pool may
+// be busy, or be the thread running this call): it waits only for ranges already running.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
+  if (n <= 1) {
+    if (n == 1) fn(0);
+    return;
+  }
+  struct State {
+    std::vector<std::atomic<bool>> claimed;
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    explicit State(int64_t n) : claimed(static_cast<size_t>(n)) {}
+  };
+  auto state = std::make_shared<State>(n);
+  auto run = [state, n, fn]() {
+    for (int64_t r = 0; r < n; ++r) {
+      if (state->claimed[r].exchange(true)) continue;
+      fn(r);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t r = 1; r < n; ++r) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+int64_t NumRanges(ffi::ThreadPool& pool, int64_t C) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::clamp<int64_t>(C / kMinRangeColumns, 1, std::min(threads, kMaxRanges));
+}
+
+ffi::Error GramianImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("mtlopt_gramian: x must be (..., T, C)");
+  const int64_t T = dims[dims.size() - 2];
+  const int64_t C = dims[dims.size() - 1];
+  const int64_t batch = T * C == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (T * C);
+  if (static_cast<int64_t>(scale.element_count()) != std::max<int64_t>(batch, 1) &&
+      scale.element_count() != 1) {
+    return ffi::Error::InvalidArgument("mtlopt_gramian: one scale per batch element");
+  }
+  float* g = out->typed_data();
+  std::fill(g, g + out->element_count(), 0.0f);
+  if (T == 0 || C == 0) return ffi::Error::Success();
+  const int64_t ranges = NumRanges(pool, C);
+  std::vector<double> partial(static_cast<size_t>(ranges * T * T));
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x.typed_data() + b * T * C;
+    const float s = scale.typed_data()[scale.element_count() == 1 ? 0 : b];
+    std::fill(partial.begin(), partial.end(), 0.0);
+    ParallelFor(pool, ranges, [&](int64_t r) {
+      const int64_t c0 = C * r / ranges, c1 = C * (r + 1) / ranges;
+      GramianRange(xb, T, C, c0, c1, s, partial.data() + r * T * T);
+    });
+    float* gb = g + b * T * T;
+    for (int64_t i = 0; i < T; ++i) {
+      for (int64_t j = i; j < T; ++j) {
+        double v = 0;
+        for (int64_t r = 0; r < ranges; ++r) v += partial[r * T * T + i * T + j];
+        gb[i * T + j] = gb[j * T + i] = static_cast<float>(v);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtloptGramian, GramianImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
