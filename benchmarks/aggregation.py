@@ -40,7 +40,7 @@ except ImportError:
 import jax
 import jax.numpy as jnp
 
-W = 26  # width of the table's first column
+W = 34  # width of the table's first column
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_METHODS = ("mean", "cagrad", "mgda", "db_mtl", "pcgrad")
 SWEEP_T = (2, 10, 40)
