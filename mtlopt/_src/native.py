@@ -77,6 +77,10 @@ def available() -> bool:
     env = checks.choice("gramian", NATIVE_ENV, os.environ.get(NATIVE_ENV, ""), ("", "0", "1"))
     if env == "0" or not _registered():
         return False
-    if jax.process_count() > 1 or len(jax.devices("cpu")) > 1:
+    try:
+        cpus = len(jax.devices("cpu"))
+    except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS without cpu)
+        return False
+    if jax.process_count() > 1 or cpus > 1:
         return False
     return _works()
