@@ -121,9 +121,10 @@ def _run_method(row, J, monkeypatch, enabled: str):
     tx = row.make(T)
     state = tx.init(jnp.zeros(J.shape[1:]))
     kw = {"task_losses": jnp.linspace(1.0, 2.0, T)} if row.needs_losses else {}
+    update = jax.jit(lambda g, s: tx.update(g, s, **kw))
     outs = []
     for _ in range(2):  # a second step, from the first's state (warm starts, EMAs)
-        u, state = jax.jit(lambda g, s: tx.update(g, s, **kw))(J, state)
+        u, state = update(J, state)
         outs.append(np.asarray(u))
     return outs, mtlopt.task_weights(state)
 
@@ -164,3 +165,18 @@ def test_native_env_is_checked(monkeypatch):
     # (read at trace time: a new function, so that jit does not reuse an earlier trace)
     lowered = jax.jit(lambda x: mtlopt.gramian(x)).lower(jnp.zeros((4, tr._SMALL_LEAF + 1)))
     assert native._TARGET not in lowered.as_text()
+
+
+@needs_kernel
+def test_export_needs_the_kernel_off_on_cpu(monkeypatch):
+    # jax.export refuses custom calls without a stability guarantee: the README tells users to
+    # set MTLOPT_NATIVE=0 for a CPU export; GPU/TPU exports never hold the kernel.
+    x = jnp.zeros((4, tr._SMALL_LEAF + 1))
+    for platform in ("cuda", "tpu"):
+        exported = jax.export.export(jax.jit(lambda g: mtlopt.gramian(g)), platforms=[platform])
+        assert native._TARGET not in exported(x).mlir_module()
+    with pytest.raises(ValueError, match=native._TARGET):
+        jax.export.export(jax.jit(lambda g: mtlopt.gramian(g)), platforms=["cpu"])(x)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    exported = jax.export.export(jax.jit(lambda g: mtlopt.gramian(g)), platforms=["cpu"])(x)
+    np.testing.assert_array_equal(exported.call(x), np.zeros((4, 4)))
