@@ -3,9 +3,9 @@
 Built by ``pip install`` where a C++ compiler is found (``setup.py``); absent otherwise, and then
 mtlopt computes every Gramian in pure JAX (``tree._cpu_gramian``'s loops), with the same results
 to float32 rounding. :func:`available` says whether this process uses it: the library was
-built, ``jax.ffi`` exists (jax >= 0.4.38), a one-off check call gives the right answer, the
-process has a single CPU device (with several, e.g. sharded params, the pure-JAX loops let the
-compiler split the Gramian over the shards; an FFI call would gather them), and
+built, ``jax.ffi.ffi_call`` exists (not in jax 0.4.30), a one-off check call gives the right
+answer, the process has a single CPU device (with several, e.g. sharded params, the pure-JAX
+loops let the compiler split the Gramian over the shards; an FFI call would gather them), and
 ``MTLOPT_NATIVE`` is not ``0``.
 
 The kernel takes a float32 ``(..., T, C)`` array and a scale per leading index, and returns the

@@ -175,9 +175,10 @@ def _cpu_gramian(
     model of 180 such leaves, 1e6 parameters: 18.7 ms by dots, 17.2 by outer products), and a
     loop per small leaf doubled that model's compile time (1.2 -> 2.5 s). Larger float32 leaves
     go to the native kernel where it is available (``native.available()``, up to
-    ``native.MAX_TASKS`` tasks): at T = 10, P = 1e6, 2.3-2.5 ms against 7-9 ms for the dot
-    loop, which runs on one core (the kernel uses XLA's thread pool and prefetches the rows;
-    reading the 40 MB once takes 1.7 ms on this machine). Other leaves (bfloat16 ones, whose
+    ``native.MAX_TASKS`` tasks): at T = 10, P = 1e6, 2.4-3.7 ms against 6.9-8.4 ms for the dot
+    loop, which runs on one core (benchmarks/aggregation.py, four runs; the kernel uses XLA's
+    thread pool and prefetches the rows; a plain C loop reading the 40 MB once takes 1.6-2.0 ms
+    on this machine). Other leaves (bfloat16 ones, whose
     float32 copy would be a new T x P buffer) take a loop: the outer-product one where it wins,
     see the top, else the dot loop. ``outer``, ``small_leaf`` and ``use_native`` are for tests,
     which force each form on every leaf.
