@@ -57,6 +57,8 @@ TARGETS = {
     "pcgrad": GRAM_TARGET,
     "db_mtl": ("mean", 4.0),
 }
+# Methods with a small problem to solve: their solve column (see gram_factor).
+SOLVED = ("cagrad", "cagrad_warm", "mgda", "mgda_warm", "pcgrad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +218,17 @@ def method_bench(spec: Spec, grads, params, losses, T: int, next_grads=None) -> 
         bench.info["iters"] = iters
         bench.after = lambda: iters.append(int(box["state"].solver.num_steps))
     return bench
+
+
+def gram_factor(J: np.ndarray) -> np.ndarray:
+    """A float32 ``(T, T)`` matrix with the Gramian of ``J`` (float64 eigh, negatives clamped).
+
+    A Gramian method run on it solves the same small problem as on ``J`` while its two passes
+    cost nothing: its time is the solver's plus the call's overhead (the solve column).
+    """
+    Jd = J.astype(np.float64)
+    ev, V = np.linalg.eigh(Jd @ Jd.T)
+    return (V * np.sqrt(np.maximum(ev, 0.0))).astype(np.float32)
 
 
 def perturbed(J: np.ndarray, seed: int) -> np.ndarray:
@@ -390,6 +403,22 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         method_bench(s, grads, params, losses, T, next_grads if s.warm else None) for s in all_specs
     ]
     del next_grads
+    # The same methods on a (T, T) factor with the same Gramian: the solve alone.
+    factor = gram_factor(J)
+    solves = {
+        s.name: method_bench(
+            s,
+            {"w": jnp.asarray(factor)},
+            {"w": jnp.zeros((T,), jnp.float32)},
+            losses,
+            T,
+            {"w": jnp.asarray(perturbed(factor, seed))} if s.warm else None,
+        )
+        for s in all_specs
+        if s.name in SOLVED
+    }
+    for name, b in solves.items():
+        b.name = name + " solve"
     refs = jax_reference_benches(grads, T, P)
     floors = numpy_benches(J)
     torch, tjd = load_torch(threads) if use_torch else (None, None)
@@ -399,7 +428,10 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         torch_floors = torch_benches(torch, J)
         for b in torchjd_benches(torch, tjd, J, [s.peer for s in all_specs if s.peer]):
             peers[b.name.removeprefix("TorchJD ")] = b
-    run_groups([methods + refs, floors, torch_floors + list(peers.values())], repeats)
+    run_groups(
+        [methods + list(solves.values()) + refs, floors, torch_floors + list(peers.values())],
+        repeats,
+    )
     floors += torch_floors
 
     by = {b.name: b for b in methods + refs}
@@ -414,7 +446,8 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
     )
     head = (
         f"{'method':<{W}}{'ms':>9}{'x mean':>8}{'x(G+m)':>8}  {'target':<14}{'result':<7}"
-        f"{'compile s':>10}{'temp xP':>9}{'iters':>11}{'TorchJD ms':>12}{'speed-up':>10}"
+        f"{'compile s':>10}{'temp xP':>9}{'iters':>11}{'solve %':>9}{'TorchJD ms':>12}"
+        f"{'speed-up':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -438,11 +471,13 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         peer_ms = peer.ms if peer is not None else None
         speedup = peer_ms / b.ms if peer_ms is not None else None
         temp = b.info["temp_bytes"]
+        solve = f"{100 * solves[spec.name].ms / b.ms:.0f}" if spec.name in solves else ""
         print(
             f"{spec.label:<{W}}{b.ms:>9.2f}{b.ms / ref_ms['mean']:>8.2f}"
             f"{b.ms / ref_ms['gramian+mean']:>8.2f}  {target:<14}{result:<7}"
             f"{b.info['compile_s']:>10.2f}{_fmt(temp and temp / one_copy, '.2f'):>9}"
-            f"{iters:>11}{_fmt(peer_ms):>12}{_fmt(speedup, '.1f') + ('x' if speedup else ''):>10}"
+            f"{iters:>11}{solve:>9}{_fmt(peer_ms):>12}"
+            f"{_fmt(speedup, '.1f') + ('x' if speedup else ''):>10}"
         )
     print("-" * len(head))
     for b in refs:
@@ -461,7 +496,9 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         print("TorchJD / torch: n/a (pip install -e '.[bench]' for the peer column)")
     print(
         "x(G+m): time / (mtlopt.gramian + mean()); temp xP: compiled temporary buffers / (P * 4 "
-        "bytes); iters: solver steps, warm mean / cold; speed-up: TorchJD ms / mtlopt ms."
+        "bytes); iters: solver steps, warm mean / cold; solve %: the same method on a (T, T) "
+        "matrix with the same Gramian (the solve and the call's overhead) / ms; speed-up: "
+        "TorchJD ms / mtlopt ms."
     )
     if unconverged:
         print("*: the cold solve stopped at max_iters without reaching its tolerance.")
