@@ -377,7 +377,7 @@ def one_offs(T: int) -> str:
     from mtlopt._src import native, tree
 
     start = time.perf_counter()
-    kernel = T <= native.MAX_TASKS and native.available()
+    kernel = native.available(T)
     outer = tree._outer_loop_wins(T)  # (what runs without the kernel, and for bfloat16)
     probe = time.perf_counter() - start
     start = time.perf_counter()
@@ -407,7 +407,7 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
     factor = gram_factor(J)
     solves = {
         s.name: method_bench(
-            s,
+            dataclasses.replace(s, name=s.name + " solve"),
             {"w": jnp.asarray(factor)},
             {"w": jnp.zeros((T,), jnp.float32)},
             losses,
@@ -417,8 +417,6 @@ def run_table(T: int, P: int, repeats: int, threads: int, use_torch: bool, seed:
         for s in all_specs
         if s.name in SOLVED
     }
-    for name, b in solves.items():
-        b.name = name + " solve"
     refs = jax_reference_benches(grads, T, P)
     floors = numpy_benches(J)
     torch, tjd = load_torch(threads) if use_torch else (None, None)

@@ -72,10 +72,11 @@ def _works() -> bool:
     return bool(np.allclose(got, want, rtol=1e-5, atol=1e-5))
 
 
-def available() -> bool:
-    """Whether Gramians of float32 leaves on the CPU go through the kernel in this process."""
+def available(num_tasks: int | None = None) -> bool:
+    """Whether Gramians of float32 leaves on the CPU go through the kernel in this process (for
+    ``num_tasks`` tasks: at most ``MAX_TASKS``)."""
     env = checks.choice("gramian", NATIVE_ENV, os.environ.get(NATIVE_ENV, ""), ("", "0", "1"))
-    if env == "0" or not _registered():
+    if env == "0" or (num_tasks is not None and num_tasks > MAX_TASKS) or not _registered():
         return False
     try:
         cpus = len(jax.devices("cpu"))

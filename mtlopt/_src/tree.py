@@ -174,14 +174,14 @@ def _cpu_gramian(
     Leaves of at most ``small_leaf`` columns take one dot on every path: as fast there (a
     model of 180 such leaves, 1e6 parameters: 18.7 ms by dots, 17.2 by outer products), and a
     loop per small leaf doubled that model's compile time (1.2 -> 2.5 s). Larger float32 leaves
-    go to the native kernel where it is available (``native.available()``, up to
-    ``native.MAX_TASKS`` tasks): at T = 10, P = 1e6, 2.4-3.7 ms against 6.9-8.4 ms for the dot
-    loop, which runs on one core (benchmarks/aggregation.py, four runs; the kernel uses XLA's
+    go to the native kernel where it is available (``native.available(T)``, up to
+    ``native.MAX_TASKS`` tasks): at T = 10, P = 1e6, 2.4-3.7 ms against 6.9-9.0 ms for the dot
+    loop, which runs on one core (benchmarks/aggregation.py, six runs; the kernel uses XLA's
     thread pool and prefetches the rows; a plain C loop reading the 40 MB once takes 1.6-2.0 ms
-    on this machine). Other leaves (bfloat16 ones, whose
-    float32 copy would be a new T x P buffer) take a loop: the outer-product one where it wins,
-    see the top, else the dot loop. ``outer``, ``small_leaf`` and ``use_native`` are for tests,
-    which force each form on every leaf.
+    on this machine). Other leaves (bfloat16 ones, whose float32 copy would be a new T x P
+    buffer) take a loop: the outer-product one where it wins, see the top, else the dot loop.
+    ``outer``, ``small_leaf`` and ``use_native`` are for tests, which force each form on every
+    leaf.
 
     Every leaf waits for the one before (an optimization barrier): with sharded grads, two
     leaves' collectives ready at once could deadlock XLA:CPU's rendezvous (tests/
@@ -191,7 +191,7 @@ def _cpu_gramian(
     T = matrices[0].shape[0]
     _pinned_loop()  # a bad value is an error even where no loop runs
     if use_native is None:
-        use_native = T <= native.MAX_TASKS and native.available()
+        use_native = native.available(T)
 
     def route(m):
         if m.shape[1] <= small_leaf:
