@@ -19,6 +19,7 @@ from mtlopt._src.methods.scalarization import LinearState as LinearState
 from mtlopt._src.methods.scalarization import MeanState as MeanState
 from mtlopt._src.methods.scalarization import linear as linear
 from mtlopt._src.methods.scalarization import mean as mean
+from mtlopt._src.native import kernel_available as native_kernel_available
 from mtlopt._src.solvers import SolverInfo as SolverInfo
 from mtlopt._src.tree import combine as combine
 from mtlopt._src.tree import gramian as gramian
@@ -44,6 +45,7 @@ __all__ = [
     "log_transform",
     "mean",
     "mgda",
+    "native_kernel_available",
     "pcgrad",
     "task_value_and_grad",
     "task_weights",

@@ -32,3 +32,33 @@ except ImportError:  # hypothesis is in the test extra; tests that need it impor
 def _no_x64_leak():
     yield
     assert not jax.config.jax_enable_x64, "a test left jax_enable_x64 on"
+
+
+# Compilations per test: every XLA backend compile (a persistent-cache hit is not one) is
+# counted and, with MTLOPT_COMPILE_REPORT=FILE, written as a JSON line per test (nodeid,
+# compiles, seconds), so the cost of a registry row can be measured (tests/cost_report.py).
+_compiles = [0]
+
+
+def _count(name, *args, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    import json
+    import time
+
+    before, start = _compiles[0], time.perf_counter()
+    yield
+    item.user_properties.append(("compiles", _compiles[0] - before))
+    report = os.environ.get("MTLOPT_COMPILE_REPORT")
+    if report:
+        with open(report, "a") as f:
+            line = {"id": item.nodeid, "compiles": _compiles[0] - before,
+                    "seconds": round(time.perf_counter() - start, 3)}
+            f.write(json.dumps(line) + "\n")

@@ -1,24 +1,84 @@
-"""The one init/update skeleton that every aggregator shares.
+"""The one init/update skeleton that every method shares.
 
-A method supplies a :class:`Method`: the extra state it keeps, and a pure function from a
-:class:`Context` (the small Gramian, the losses, the task mask, the current state) to the
-``(T,)`` weights. The skeleton does everything else once, for all methods:
+A method supplies a :class:`Method`: the extra state it keeps and a pure function from a
+:class:`Context` (the small Gramian, the losses, the task mask, the state, ...) to its weights.
+The skeleton does everything else once, for all methods: the checks, the task-specific heads,
+the task mask, the passes over the task grads and the non-finite policy.
 
-* trace-time checks (number of tasks, ``task_losses``, ``task_mask``);
-* task-specific leaves (``task_specific=``): kept out of the Gramian and the solve, each
-  follows its own task's gradient;
-* pass 1 over the task grads (Gramian or squared norms), with a pre-scaled fallback when the
-  float32 Gramian overflows or underflows;
-* pass 2, the combination ``sum_t w_t g_t``;
-* the non-finite policy (``nonfinite=``): a step whose inputs, weights or update are not
-  finite leaves the state as it was, counting the step in ``skipped``; its update is zeros
-  (``"skip"``, the default) or NaN (``"propagate"``, for ``optax.apply_if_finite`` further
-  down the chain).
+Developer notes: the hooks
+==========================
+
+Every field of :class:`Method` past the first three has a default, so a method sets only what it
+uses. One update runs in this order (``update_fn`` below):
+
+1. **Checks, at trace time.** T (from the task grads, ``num_tasks``, or the losses in loss-only
+   mode), ``task_losses`` (``needs_losses``), ``task_mask``, and the method's declared extra
+   signals (``signals``: each a :class:`Signal` with a name, a kind and whether it is required;
+   the skeleton checks its shape and dtype and puts it in ``ctx.signals``; undeclared extra
+   arguments are ignored, as optax chains pass every extra argument to every link).
+2. **Split.** ``task_specific=`` (a bool pytree, or a callable that is always handed a
+   params-shaped tree of ``jax.ShapeDtypeStruct``, in ``init`` and in ``update`` alike) separates
+   the heads; ``groups=`` (``"leaf"``, a pytree of group ids, or a callable like
+   ``task_specific``'s) splits the shared leaves into K static groups. Masked tasks' rows are
+   zeroed (their NaNs cannot leak into a sum).
+3. **Inputs' finiteness** (``ctx.ok``): the active losses, the incoming scales, the signals.
+4. **Randomness** (``random=True``): the state holds raw key data in ``key``; each step the
+   skeleton splits it, hands a fresh key in ``ctx.key`` (under ``groups=`` one per group) and
+   stores the other half. A skipped step keeps the old key.
+5. **State written before the weighting** (``prepare``): ``(shared grads, ctx) -> Prepared``
+   replaces the shared task grads (DB-MTL: its EMA) and returns state fields written now, its
+   own ``ok`` (it must not write on ``ctx.ok == False``: a step skipped for bad inputs leaves
+   every float of the state as it was), and optionally per-task scalars computed in the same
+   pass (the squared norms, handed on as the ``"diag"`` Gramian). ``guarded`` names the fields it
+   keeps itself, so the skeleton does not select them again (a T x P select is a pass and a
+   copy). The weighting then sees the state after that step (``ctx.state``).
+6. **Pass 1** (``gram="full"``: the ``(T, T)`` Gramian, ``"diag"``: squared norms, ``None``):
+   with ``groups=``, one per group, stacked ``(K, T, T)``. Pre-scaled by a power of two when
+   float32 over- or underflows (``ctx.gram_scale``: the true Gramian is
+   ``gram * gram_scale**2``). Float64 leaves (``jax_enable_x64``) are reduced in float64, others
+   in float32 (``ctx.dtype``).
+7. **Per-task scales folded in.** A task transform in front (``log_transform``) hands its
+   ``(T,)`` scales in a :class:`~mtlopt.TaskScaled`; a method's own ``scales(ctx) -> (T,)``
+   (MGDA's normalisation, later UW's ``exp(-s)``) is called after pass 1. Both are applied to the
+   Gramian as ``S G S`` (exactly, by powers of two, without over- or underflow) and to the
+   weights as ``S w``: never as a new T x P array.
+8. **Weighting**: ``weights_fn(ctx) -> (w, state fields)``. With ``groups=`` it runs batched
+   over the K groups (``jax.vmap``: one solve for all), with the ``per_group`` state fields (and
+   ``weights``) carrying a leading K axis; it then returns ``(K, T)`` weights. ``task_weights``
+   reports ``S_method * w``, the coefficients on the task grads the aggregator received.
+9. **Heads**: each head leaf follows its own task's gradient times ``head_scales(ctx, w)``
+   (default 1; loss-weighting methods give heads the same loss weights as the trunk, so the
+   one-backward-pass mode and the task-grads mode agree), times the incoming scales.
+10. **Pass 2**: ``sum_t w_t g_t`` per leaf (each leaf with its group's weights), or, for
+    per-coordinate methods (``coordinate(ctx, matrix, leaf_index) -> (C,)``, replacing the
+    weighted sum for shared leaves: TrimmedMean, GradDrop), a function of the T values of each
+    coordinate. Per-coordinate methods have no ``(T,)`` weights: ``task_weights`` returns None.
+11. **Non-finite policy** (``nonfinite=``): a step whose inputs, weights or update are not
+    finite leaves the state as it was (every float, the key included), counts the step in
+    ``skipped``, and gives zeros (``"skip"``) or NaN (``"propagate"``). A finite Gramian proves
+    its grads finite, so Gramian methods decide before pass 2 and never re-read the update.
+    The new state is cast to the old state's dtypes (a state is stable under ``lax.scan``).
+
+**Loss-only mode** (``loss_weighting=True``: mean, linear, DWA, later UW, RLW, FAMO, ...): the
+weights depend only on the losses (and the state, the signals), so ``update(None, state,
+task_losses=...)`` returns ``(weights, new_state)`` without task grads:
+:func:`mtlopt.loss_weights`. The user differentiates ``sum_t w_t l_t`` once instead of running T
+backward passes; the same method over task grads gives the same update.
+
+**Task transforms** (:func:`task_transform`): task grads in, task grads out, with the same
+checks, mask and non-finite handling; they return a lazy :class:`~mtlopt.TaskScaled`.
+
+**T x P state**: :func:`mtlopt._src.tree.task_zeros` builds a params-shaped tree with a leading
+task axis (``None`` at heads: ``init_extra`` receives the params with heads replaced by None),
+sharded like the params, float32 for narrower floats; writes go through
+:func:`~mtlopt._src.tree.saturate` so an EMA never overflows to inf.
+
+**Sampling before the backward pass** (CAGrad-Fast's groups) lives in ``sampling.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -26,108 +86,281 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mtlopt._src import checks, tree
+from mtlopt._src import checks, rng, tree
 
 # Take the pre-scaled path when the Gramian's largest diagonal entry is not finite (overflow) or
 # below this (underflow to zero or to subnormals that the CPU flushes).
 _TINY_GRAM = 1e-30
 
 NONFINITE = ("skip", "propagate")
+SIGNAL_KINDS = ("flag", "task_vector", "gramian", "task_grads")
+
+
+class Signal(NamedTuple):
+    """An extra argument a method reads from ``update(..., name=value)``.
+
+    Kinds: ``"flag"`` (a bool scalar, e.g. an epoch boundary), ``"task_vector"`` (``(T,)``
+    float, e.g. the losses after the step), ``"gramian"`` (``(T, T)``, e.g. the cross-Gramian
+    ``J1 J2^T`` of two independent samples), ``"task_grads"`` (a second sample of task grads,
+    with the structure and shapes of the first).
+    """
+
+    name: str
+    kind: str
+    required: bool = True
+    why: str = ""
 
 
 class Context(NamedTuple):
-    """What a method's weighting function sees (all small arrays)."""
+    """What a method's hooks see (all small arrays, except in ``prepare`` and ``coordinate``)."""
 
     T: int  # static number of tasks
-    gram: jax.Array | None  # (T, T) or (T,) float32; the true one is gram * gram_scale**2
-    gram_scale: jax.Array  # float32 scalar, 1 unless pass 1 had to pre-scale the grads
-    losses: jax.Array | None  # (T,) float32
+    gram: jax.Array | None  # (T, T) or (T,); the true one is gram * gram_scale**2
+    gram_scale: jax.Array  # scalar, 1 unless pass 1 (or a fold) had to pre-scale
+    losses: jax.Array | None  # (T,)
     mask: jax.Array  # (T,) bool, True for the tasks that take part
-    state: Any  # the method's state before this step
+    state: Any  # the method's state (after ``prepare``'s writes, from step 8 on)
+    key: jax.Array | None = None  # a fresh PRNG key (``random=True``)
+    signals: Any = None  # dict: the declared extra signals (None where optional and absent)
+    scales: jax.Array | None = None  # incoming per-task scales (``prepare`` applies them)
+    ok: Any = True  # scalar bool: the inputs are finite (``prepare`` must not write otherwise)
+    dtype: Any = jnp.float32  # the reductions' dtype (float64 for float64 leaves)
+    group: jax.Array | None = None  # the group's index under ``groups=``
+
+
+class Prepared(NamedTuple):
+    """What ``prepare`` returns (see the module notes, step 5)."""
+
+    grads: list  # the shared task grads that passes 1 and 2 read, one (T, ...) array a leaf
+    state: dict  # state fields written in this pass
+    ok: jax.Array  # scalar bool
+    gram: jax.Array | None = None  # per-task scalars of the same pass: the squared norms
 
 
 class Method(NamedTuple):
-    """What a method adds to the skeleton.
+    """What a method adds to the skeleton (see the module notes for the order of the hooks).
 
     Attributes:
       name: the public name, used in every error message.
-      state_cls: a NamedTuple with fields ``count``, ``skipped``, ``weights`` and the extras.
-      weights_fn: ``(Context) -> (weights, extras)``; weights ``(T,)`` float32 applied to the
-        (prepared) task grads; extras a dict of updated state fields.
-      init_extra: ``(num_tasks, shared_params) -> dict`` of extra state fields (arrays or
-        None); ``shared_params`` is the list of params leaves that are not task-specific.
-        Every call must build new arrays (never return one made in the constructor): a state
-        donated to a jitted step deletes its buffers (``test_init_after_a_donated_update``).
+      state_cls: a NamedTuple with fields ``count``, ``skipped``, ``weights`` (aggregators),
+        ``key`` (``random``) and the method's own.
+      weights_fn: ``(Context) -> (weights, extras)``: ``(T,)`` weights on the (folded) task grads
+        and a dict of updated state fields; None for per-coordinate methods.
+      init_extra: ``(num_tasks, shared_params) -> dict`` of the method's own state fields;
+        ``shared_params`` is the params pytree with task-specific leaves replaced by None (feed
+        it to ``tree.task_zeros`` for a T x P state). Every call must build new arrays (a state
+        donated to a jitted step deletes its buffers).
       gram: ``"full"`` (the Gramian), ``"diag"`` (squared norms only) or ``None``.
       needs_losses: whether ``task_losses`` is required.
-      prepare: optional task -> task step before pass 1 (DB-MTL's log and EMA):
-        ``(task_grads, Context) -> (prepared task grads, extras, ok)``, ``ok`` a scalar bool
-        (False: the inputs were not finite).
-      head_scales: optional ``(losses) -> (T,)`` per-task scale of task-specific leaves.
-      guarded: state fields that ``prepare`` already keeps unchanged on a non-finite step
-        (so the skeleton does not select them again: a T x P select costs a pass and a copy).
+      prepare: ``(shared task grads, Context) -> Prepared``, run before pass 1.
+      head_scales: ``(Context, weights) -> (T,)``: the factor on each task's head gradient.
+      guarded: state fields that ``prepare`` keeps unchanged itself on a bad step.
+      scales: ``(Context) -> (T,)`` per-task scales folded into the Gramian after pass 1.
+      coordinate: ``(Context, matrix (T, C), leaf index) -> (C,)``: pass 2 per coordinate.
+      loss_weighting: the weights need only the losses (and state, signals): the loss-only
+        mode is allowed and heads get the weights.
+      signals: the extra arguments the method reads (:class:`Signal`).
+      random: the state keeps a PRNG key; ``ctx.key`` is fresh every step.
+      per_group: state fields that get a leading group axis under ``groups=``.
     """
 
     name: str
     state_cls: type
-    weights_fn: Callable[[Context], tuple[jax.Array, dict]]
-    init_extra: Callable[[int | None, list], dict] = lambda T, shared: {}
+    weights_fn: Callable[[Context], tuple[jax.Array, dict]] | None
+    init_extra: Callable[[int | None, Any], dict] = lambda T, shared: {}
     gram: str | None = "full"
     needs_losses: bool = False
-    prepare: Callable[[Any, Context], tuple[Any, dict]] | None = None
-    head_scales: Callable[[jax.Array | None], jax.Array] | None = None
+    prepare: Callable[[list, Context], Prepared] | None = None
+    head_scales: Callable[[Context, jax.Array], jax.Array] | None = None
     guarded: tuple[str, ...] = ()
+    scales: Callable[[Context], jax.Array] | None = None
+    coordinate: Callable[[Context, jax.Array, int], jax.Array] | None = None
+    loss_weighting: bool = False
+    signals: tuple[Signal, ...] = ()
+    random: bool = False
+    per_group: tuple[str, ...] = ()
 
 
-def _split(name: str, task_specific: Any, task_grads: Any):
-    """Static partition of the leaves into shared and task-specific ones."""
-    leaves, treedef = jax.tree.flatten(task_grads)
-    if task_specific is None:
-        return leaves, [], [False] * len(leaves), treedef
-    spec = task_specific(task_grads) if callable(task_specific) else task_specific
+# ---------------------------------------------------------------------------------------------
+# Static structure: heads and groups
+
+
+def _structs(tree_: Any, task_axis: bool) -> Any:
+    """A params-shaped tree of ShapeDtypeStructs (what ``task_specific``/``groups`` callables
+    see, in ``init`` and ``update`` alike)."""
+
+    def leaf(x):
+        shape = jnp.shape(x)[1:] if task_axis else jnp.shape(x)
+        return jax.ShapeDtypeStruct(shape, jnp.result_type(x))
+
+    return jax.tree.map(leaf, tree_)
+
+
+def _flags(name: str, arg: str, spec: Any, structs: Any, treedef, what: str) -> list:
+    if callable(spec):
+        spec = spec(structs)
     try:
-        flags = treedef.flatten_up_to(spec)
+        return treedef.flatten_up_to(spec)
     except (ValueError, TypeError) as e:
         raise checks.fail(
             name,
-            "task_specific must be a pytree of bools with the structure of the params (or a "
-            f"callable returning one); its structure does not match the task grads: {e}",
+            f"{arg} must be a pytree of {what} with the structure of the params (or a callable "
+            f"returning one); its structure does not match the task grads: {e}",
         ) from None
-    flags = [bool(f) for f in flags]
-    shared = [x for x, f in zip(leaves, flags, strict=True) if not f]
-    heads = [x for x, f in zip(leaves, flags, strict=True) if f]
-    return shared, heads, flags, treedef
 
 
-def _merge(treedef, flags, shared, heads):
+class _Layout(NamedTuple):
+    treedef: Any
+    heads: list[bool]  # per leaf
+    group: list[int]  # per shared leaf
+    K: int | None  # number of groups, None without groups=
+
+
+def _layout(name: str, task_specific: Any, groups: Any, tree_: Any, task_axis: bool) -> _Layout:
+    leaves, treedef = jax.tree.flatten(tree_)
+    structs = _structs(tree_, task_axis)
+    heads = [False] * len(leaves)
+    if task_specific is not None:
+        heads = [bool(f) for f in _flags(name, "task_specific", task_specific, structs, treedef,
+                                         "bools")]
+    n_shared = heads.count(False)
+    if groups is None:
+        return _Layout(treedef, heads, [0] * n_shared, None)
+    if isinstance(groups, str):
+        if groups != "leaf":
+            raise checks.fail(name, f"groups must be 'leaf', a pytree or a callable; got {groups!r}.")
+        ids = list(range(n_shared))
+    else:
+        all_ids = _flags(name, "groups", groups, structs, treedef, "group ids")
+        ids = [g for g, h in zip(all_ids, heads, strict=True) if not h]
+        for g in ids:
+            if not isinstance(g, Hashable) or g is None:
+                raise checks.fail(name, f"groups: every shared leaf needs a hashable id; got {g!r}.")
+    order: dict = {}
+    group = [order.setdefault(g, len(order)) for g in ids]
+    if not order:
+        raise checks.fail(name, "groups= was given but there are no shared (non-head) leaves.")
+    return _Layout(treedef, heads, group, len(order))
+
+
+def _merge(layout: _Layout, shared: list, heads: list):
     shared, heads = iter(shared), iter(heads)
-    return treedef.unflatten([next(heads) if f else next(shared) for f in flags])
+    return layout.treedef.unflatten([next(heads) if f else next(shared) for f in layout.heads])
 
 
-def _pass_one(kind: str, grads: list, T: int) -> tuple[jax.Array, jax.Array]:
-    """Pass 1 (Gramian or squared norms) and its scale ``s``: the true one is ``gram * s**2``.
+# ---------------------------------------------------------------------------------------------
+# Passes and folds
 
-    The fast path (``s = 1``) is taken unless the float32 result over- or underflows; then the
-    grads are divided by a power of two near their largest entry first (one more pass).
+
+def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[jax.Array, Any]:
+    """Pass 1 per group, stacked ``(K, T, T)`` or ``(K, T)``, and its scale ``s``: the true one
+    is ``gram * s**2``.
+
+    The fast path (``s = 1``) is taken unless the result over- or underflows; then the grads are
+    divided by a power of two near their largest entry first (one more pass).
     """
-    fn = tree.gramian if kind == "full" else tree.sq_norms
-    one = jnp.float32(1.0)
-    if not grads:
-        return jnp.zeros((T, T) if kind == "full" else (T,), jnp.float32), one
-    gram = fn(grads)
-    diag = jnp.diagonal(gram) if kind == "full" else gram
+    one = jnp.ones((), dtype)
+    shape = (T, T) if kind == "full" else (T,)
+
+    def fn(mats, inv=None):
+        if not mats:
+            return jnp.zeros(shape, dtype)
+        out = tree.matrices_gramian(mats, inv) if kind == "full" else tree.sq_norms(mats, inv)
+        return out.astype(dtype)
+
+    gram = jnp.stack([fn(m) for m in groups])
+    flat = [m for ms in groups for m in ms if m.shape[1] > 0]
+    if not flat:
+        return gram, one
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1) if kind == "full" else gram
     top = jnp.max(diag)
 
     def rescaled(_):
         # A power of two, so the scaling is exact; a NaN or inf input stays non-finite.
-        big = tree.max_abs(grads)
+        big = tree.max_abs(flat).astype(dtype)
         scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big > 0, big, 1.0))))
         ok = jnp.isfinite(scale)
         inv = jnp.where(ok, 1.0 / jnp.where(ok, scale, 1.0), jnp.nan)
-        return fn(grads, inv), jnp.where(ok, scale, one)
+        return jnp.stack([fn(m, inv) for m in groups]), jnp.where(ok, scale, one)
 
     fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
     return lax.cond(fast, lambda _: (gram, one), rescaled, None)
+
+
+def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
+    """``S G S`` in the Gramian's pre-scaled units: ``(gram', gram_scale')`` with
+    ``gram' * gram_scale'**2 == S (gram * gram_scale**2) S`` and the largest scaled norm near 1
+    (the common factor is a power of two: exact, and no over- or underflow for scales of any
+    size). Zero scales give zero rows; a NaN scale gives NaN rows (the step is then skipped)."""
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1) if kind == "full" else gram
+    diag = diag.reshape(-1, s.shape[-1]) if diag.ndim > 1 else diag[None]
+    mag = jnp.max(jnp.where(diag > 0, diag, 0.0), axis=0)  # (T,) largest over groups
+    log_s = jnp.log2(jnp.abs(s)) + jnp.log2(gram_scale)
+    log_n = log_s + 0.5 * jnp.log2(mag)
+    top = jnp.max(jnp.where(jnp.isfinite(log_n), log_n, -jnp.inf))
+    e = jnp.where(jnp.isfinite(top), jnp.ceil(top), 0.0)
+    r = jnp.sign(s) * jnp.exp2(log_s - e)  # s * gram_scale / 2**e; 0 for s = 0; NaN for NaN
+    folded = gram * r[:, None] * r[None, :] if kind == "full" else gram * r * r
+    return folded, jnp.exp2(e).astype(gram.dtype)
+
+
+def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, dtype) -> Any:
+    if value is None:
+        if sig.required:
+            raise checks.fail(
+                name,
+                f"this method needs the extra argument {sig.name}{sig.why}; pass it as "
+                f"tx.update(task_grads, state, params, {sig.name}=...).",
+            )
+        return None
+    if sig.kind == "flag":
+        if jnp.shape(value) != () or jnp.result_type(value) != jnp.bool_:
+            raise checks.fail(
+                name, f"{sig.name} must be a bool scalar; got shape {jnp.shape(value)}, dtype "
+                f"{jnp.result_type(value)}."
+            )
+        return jnp.asarray(value)
+    if sig.kind == "task_vector":
+        return checks.task_vector(name, sig.name, value, T, required=True, dtype=dtype)
+    if sig.kind == "gramian":
+        if jnp.shape(value) != (T, T):
+            raise checks.fail(name, f"{sig.name} must have shape ({T}, {T}); got {jnp.shape(value)}.")
+        return jnp.asarray(value).astype(dtype)
+    want = jax.tree.structure(task_grads)
+    got = jax.tree.structure(value)
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(task_grads)]
+    if got != want or [jnp.shape(x) for x in jax.tree.leaves(value)] != shapes:
+        raise checks.fail(
+            name, f"{sig.name} must have the structure and shapes of the task grads; got "
+            f"{got} with shapes {[jnp.shape(x) for x in jax.tree.leaves(value)]}, expected "
+            f"{want} with shapes {shapes}."
+        )
+    return value
+
+
+def _finite_signals(signals: dict, mask: jax.Array) -> jax.Array:
+    ok = jnp.asarray(True)
+    for v in signals.values():
+        if v is None or jnp.result_type(jax.tree.leaves(v)[0]) == jnp.bool_:
+            continue
+        if isinstance(v, jax.Array) and v.shape == mask.shape:
+            ok &= jnp.all(jnp.isfinite(jnp.where(mask, v, 0.0)))
+        else:
+            ok &= tree.all_finite(v)
+    return ok
+
+
+def _stable(new: Any, old: Any) -> Any:
+    """``new`` cast leafwise to ``old``'s dtypes (the state keeps its dtypes)."""
+    return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, old)
+
+
+def _params_dtype(params: Any) -> Any:
+    return tree.acc_dtype(*(jnp.result_type(x) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two builders
 
 
 def aggregator(
@@ -136,40 +369,104 @@ def aggregator(
     num_tasks: int | None,
     task_specific: Any = None,
     nonfinite: str = "skip",
+    groups: Any = None,
+    seed: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the optax transformation of ``method`` (see the module docstring)."""
     name = method.name
     num_tasks = checks.positive_int(name, "num_tasks", num_tasks)
     checks.choice(name, "nonfinite", nonfinite, NONFINITE)
+    if groups is not None and method.gram is None:
+        raise checks.fail(name, "groups= is for methods that read a Gramian; this one does not.")
+    key_data = rng.key_data(name, 0 if seed is None else seed) if method.random else None
+    fields = method.state_cls._fields
+    reports = "weights" in fields and method.weights_fn is not None
 
     def init_fn(params):
-        shared_params, _, _, _ = _split(name, task_specific, params)
-        weights = None if num_tasks is None else jnp.zeros((num_tasks,), jnp.float32)
-        return method.state_cls(
-            count=jnp.zeros((), jnp.int32),
-            skipped=jnp.zeros((), jnp.int32),
-            weights=weights,
-            **method.init_extra(num_tasks, shared_params),
-        )
+        extras: dict = {}
+        shared_params = params
+        K = None
+        if params is not None and jax.tree.leaves(params):
+            layout = _layout(name, task_specific, groups, params, task_axis=False)
+            K = layout.K
+            leaves = jax.tree.leaves(params)
+            shared_params = layout.treedef.unflatten(
+                [None if h else x for x, h in zip(leaves, layout.heads, strict=True)]
+            )
+        elif groups is not None:
+            raise checks.fail(name, "groups= needs the params in init, to count the groups.")
+        extras.update(method.init_extra(num_tasks, shared_params))
+        if K is not None:
+            for f in method.per_group:
+                extras[f] = jax.tree.map(lambda x: jnp.broadcast_to(x, (K, *x.shape)) + 0,
+                                         extras[f])
+        state = {"count": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+        if "weights" in fields:
+            w = None
+            if reports and num_tasks is not None:
+                shape = (num_tasks,) if K is None else (K, num_tasks)
+                w = jnp.zeros(shape, _params_dtype(params))
+            state["weights"] = w
+        if method.random:
+            state["key"] = jnp.array(key_data, copy=True)
+        return method.state_cls(**state, **extras)
 
     def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
-        del params, extra
-        T = checks.num_tasks(name, task_grads, expected=num_tasks)
+        del params
+        task_grads, in_scales = tree.unwrap(task_grads)
+        loss_only = task_grads is None
+        if loss_only:
+            T = _loss_only_tasks(method, num_tasks, task_losses)
+            cdt = jnp.float32 if state.weights is None else state.weights.dtype
+            layout = _Layout(None, [], [], None)
+            shared, heads = [], []
+        else:
+            T = checks.num_tasks(name, task_grads, expected=num_tasks)
+            layout = _layout(name, task_specific, groups, task_grads, task_axis=True)
+            leaves = jax.tree.leaves(task_grads)
+            cdt = tree.acc_dtype(*(x.dtype for x in leaves))
+            shared = [x for x, h in zip(leaves, layout.heads, strict=True) if not h]
+            heads = [x for x, h in zip(leaves, layout.heads, strict=True) if h]
         losses = checks.task_vector(
-            name, "task_losses", task_losses, T, required=method.needs_losses
+            name, "task_losses", task_losses, T, required=method.needs_losses, dtype=cdt
         )
         given_mask = checks.task_mask(name, task_mask, T)
         mask = jnp.ones((T,), bool) if given_mask is None else given_mask
-        shared, heads, flags, treedef = _split(name, task_specific, task_grads)
+        signals = {
+            s.name: _check_signal(name, s, extra.get(s.name), T, task_grads, cdt)
+            for s in method.signals
+        }
         if given_mask is not None:  # rows of absent tasks may hold NaN: keep them out of sums
             shared = tree.select_tasks(mask, shared)
             heads = tree.select_tasks(mask, heads)
-        ctx = Context(T, None, jnp.float32(1.0), losses, mask, state)
+
+        ok_in = _finite_signals(signals, mask)
+        if losses is not None:
+            ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
+        if in_scales is not None:
+            in_scales = lax.stop_gradient(in_scales.astype(cdt))
+            ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, in_scales, 0.0)))
+            in_scales = jnp.where(mask, in_scales, 0.0)
+        head_in_scales = in_scales
+
+        key = new_key = None
+        if method.random:
+            new_key, key = jax.random.split(rng.wrap(state.key))
+        ctx = Context(
+            T, None, jnp.ones((), cdt), losses, mask, state, key=key, signals=signals,
+            scales=in_scales, ok=ok_in, dtype=cdt,
+        )
 
         extras: dict = {}
-        ok = jnp.asarray(True)
+        ok = ok_in
+        handed = None
         if method.prepare is not None:
-            shared, extras, ok = method.prepare(shared, ctx)
+            prepared = method.prepare(shared, ctx)
+            shared, handed = prepared.grads, prepared.gram
+            extras.update(prepared.state)
+            ok = ok & prepared.ok
+            in_scales = None  # prepare applied them
+            ctx = ctx._replace(state=state._replace(**prepared.state), scales=None)
         # Both passes read (T, P_leaf) matrices made once: a leaf that autodiff left in a
         # transposed layout (vmap of a matmul's VJP does) is then laid out row-major once, not
         # once for pass 1, once for its fallback branch and once for pass 2. Measured in a
@@ -177,9 +474,19 @@ def aggregator(
         # parameter copies.
         shapes = [x.shape[1:] for x in shared]
         shared = [tree.as_matrix(x) for x in shared]
+        K = layout.K
+        by_group = [[m for m, g in zip(shared, layout.group, strict=True) if g == k]
+                    for k in range(K or 1)]
+
         if method.gram is not None:
-            gram, scale = _pass_one(method.gram, shared, T)
-            ctx = ctx._replace(gram=gram, gram_scale=scale)
+            if handed is not None and K is None:
+                gram, gscale = _handed(method.gram, handed.astype(cdt), by_group, T, cdt)
+            else:
+                gram, gscale = _pass_one(method.gram, by_group, T, cdt)
+            if in_scales is not None:
+                gram, gscale = _fold(gram, gscale, in_scales, method.gram)
+            gram = gram if K is not None else gram[0]
+            ctx = ctx._replace(gram=gram, gram_scale=gscale)
         # The weights are constants of the update: nothing upstream of them is differentiated
         # (a solver loop could not be reverse-differentiated anyway).
         ctx = ctx._replace(
@@ -187,54 +494,200 @@ def aggregator(
             gram_scale=lax.stop_gradient(ctx.gram_scale),
             losses=lax.stop_gradient(ctx.losses),
         )
-        w, more = method.weights_fn(ctx)
-        extras.update(more)
-        w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(jnp.float32))
 
-        head_w = None
-        if heads:
-            scales = jnp.ones((T,), jnp.float32)
-            if method.head_scales is not None:
-                scales = method.head_scales(losses)
-            head_w = lax.stop_gradient(jnp.where(mask, scales, 0.0))
-
-        def combine_all():
-            out_shared = [
-                o.reshape(shape) for o, shape in zip(tree.combine(w, shared), shapes, strict=True)
-            ]
-            out_heads = tree.combine(head_w, heads) if heads else []
-            return _merge(treedef, flags, out_shared, out_heads)
+        w = None
+        if method.weights_fn is not None:
+            w, more = _weigh(method, ctx, K)
+            extras.update(more)
+            w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(cdt))
+            ok &= jnp.all(jnp.isfinite(w))
+        if ctx.gram is not None:
+            ok &= jnp.all(jnp.isfinite(ctx.gram)) & jnp.isfinite(ctx.gram_scale)
 
         any_task = jnp.any(mask)
         new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
-        if state.weights is not None:
+        if reports and state.weights is not None:
             new_state = new_state._replace(weights=w)
+        if method.random:
+            new_state = new_state._replace(key=jax.random.key_data(new_key))
+        fill = 0.0 if nonfinite == "skip" else jnp.nan
+
+        if loss_only:
+            updates = lax.cond(ok, lambda: w, lambda: jnp.full(w.shape, fill, cdt))
+            return updates, _finish(method, state, new_state, ok)
+
+        applied = w if in_scales is None else w * in_scales  # weights on the raw rows
+        head_w = None
+        if heads:
+            scales = jnp.ones((T,), cdt)
+            if method.head_scales is not None:
+                scales = method.head_scales(ctx, w).astype(cdt)
+            if head_in_scales is not None:
+                scales = scales * head_in_scales
+            head_w = lax.stop_gradient(jnp.where(mask, scales, 0.0))
+
+        def combine_all():
+            if method.coordinate is not None:
+                outs = []
+                for i, m in enumerate(shared):
+                    if in_scales is not None:
+                        m = (m.astype(cdt) * in_scales[:, None]).astype(m.dtype)
+                    outs.append(method.coordinate(ctx, m, i).astype(m.dtype))
+            else:
+                outs = [
+                    tree.combine(applied if K is None else applied[g], [m])[0]
+                    for m, g in zip(shared, layout.group, strict=True)
+                ]
+            outs = [o.reshape(shape) for o, shape in zip(outs, shapes, strict=True)]
+            out_heads = tree.combine(head_w, heads) if heads else []
+            return _merge(layout, outs, out_heads)
+
         # The non-finite policy, at the least cost: a finite Gramian (or squared norms) proves
         # the grads it was computed from finite, so Gramian methods decide before pass 2 and
         # never re-read the update; the others (and task-specific leaves, which are not in the
         # Gramian) check their output, a P-sized reduction. lax.cond, not jnp.where: measured
         # here (T=10, P=1e6), a select over the update added ~4 ms to mean()'s 2.3 ms.
-        # Either way the method's state is kept on a bad step; "propagate" only lets the
-        # non-finite update through, for optax.apply_if_finite further down the chain.
-        ok &= jnp.all(jnp.isfinite(w))
-        if ctx.gram is not None:
-            ok &= jnp.all(jnp.isfinite(ctx.gram))
-        if ctx.losses is not None:
-            ok &= jnp.all(jnp.isfinite(jnp.where(mask, ctx.losses, 0.0)))
-        fill = 0.0 if nonfinite == "skip" else jnp.nan
         filled = lambda: jax.tree.map(lambda x: jnp.full(x.shape[1:], fill, x.dtype), task_grads)
-        if ctx.gram is None or heads:
+        if ctx.gram is None or heads or method.coordinate is not None:
             # The output is checked anyway: one cond after the check, not one before it too.
             updates = combine_all()
             ok &= tree.all_finite(updates)
             updates = lax.cond(ok, lambda: updates, filled)
         else:
             updates = lax.cond(ok, combine_all, filled)
-        kept = {f: getattr(new_state, f) for f in method.guarded}
-        new_state = tree.where_tree(
-            ok, new_state._replace(**dict.fromkeys(kept)), state._replace(**dict.fromkeys(kept))
-        )._replace(**kept)
-        new_state = new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
-        return updates, new_state
+        return updates, _finish(method, state, new_state, ok)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _loss_only_tasks(method: Method, num_tasks: int | None, task_losses: Any) -> int:
+    if not method.loss_weighting:
+        raise checks.fail(
+            method.name,
+            "task_grads=None (the loss-only mode, mtlopt.loss_weights) is for methods whose "
+            "weights depend only on the losses; this one needs the task gradients.",
+        )
+    if task_losses is None or jnp.ndim(task_losses) != 1:
+        raise checks.fail(
+            method.name,
+            "the loss-only mode needs task_losses, a (T,) array with one loss per task; got "
+            f"{None if task_losses is None else jnp.shape(task_losses)}.",
+        )
+    T = jnp.shape(task_losses)[0]
+    if num_tasks is not None and T != num_tasks:
+        raise checks.fail(method.name, f"built with num_tasks={num_tasks} but task_losses has {T}.")
+    return T
+
+
+def _handed(kind: str, handed: jax.Array, by_group, T: int, dtype):
+    """The squared norms ``prepare`` computed in its own pass, unless they over- or underflow
+    (then pass 1 again, pre-scaled)."""
+    top = jnp.max(handed)
+    fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
+    return lax.cond(
+        fast,
+        lambda: (handed[None], jnp.ones((), dtype)),
+        lambda: _pass_one(kind, by_group, T, dtype),
+    )
+
+
+def _weigh(method: Method, ctx: Context, K: int | None):
+    """The weighting (with the method's own scales folded in), batched over groups."""
+
+    def solve(c: Context):
+        s = None
+        if method.scales is not None:
+            s = jnp.where(c.mask, method.scales(c).astype(c.dtype), 0.0)
+            gram, gscale = _fold(c.gram, c.gram_scale, s, method.gram)
+            c = c._replace(gram=gram, gram_scale=gscale)
+        w, more = method.weights_fn(c)
+        w = jnp.asarray(w).astype(c.dtype)
+        return (w if s is None else s * w), more
+
+    if K is None:
+        return solve(ctx)
+    per = {f: getattr(ctx.state, f) for f in method.per_group}
+    keys = None if ctx.key is None else jax.vmap(lambda k: jax.random.fold_in(ctx.key, k))(
+        jnp.arange(K)
+    )
+
+    def one(gram, part, key, k):
+        c = ctx._replace(gram=gram, state=ctx.state._replace(**part), key=key, group=k)
+        w, more = solve(c)
+        stray = set(more) - set(method.per_group)
+        if stray:
+            raise checks.fail(
+                method.name, f"under groups= it updated state fields {sorted(stray)} that are "
+                "not per-group (Method.per_group)."
+            )
+        return w, more
+
+    return jax.vmap(one, in_axes=(0, 0, None if keys is None else 0, 0))(
+        ctx.gram, per, keys, jnp.arange(K)
+    )
+
+
+def _finish(method: Method, state: Any, new_state: Any, ok: jax.Array) -> Any:
+    """The state after the step: the old one on a bad step (but for the fields ``prepare``
+    guards itself), with the step counted in ``skipped``; dtypes kept."""
+    kept = {f: getattr(new_state, f) for f in method.guarded}
+    new_state = _stable(new_state._replace(**dict.fromkeys(kept)), state._replace(
+        **dict.fromkeys(kept)))
+    new_state = tree.where_tree(ok, new_state, state._replace(**dict.fromkeys(kept)))
+    new_state = new_state._replace(**kept)
+    return new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
+
+
+def task_transform(
+    method: Method,
+    *,
+    num_tasks: int | None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a task -> task transformation from ``method.scales``: the output is a lazy
+    :class:`~mtlopt.TaskScaled` that an aggregator after it folds in.
+
+    On a bad step (non-finite active losses or scales) the transformation's state is left as it
+    was (``skipped`` counts it) and its output is marked bad (``ok`` False, scales 0 with
+    ``"skip"``, NaN with ``"propagate"``), so the aggregator after it skips its step, by its own
+    policy. Masked tasks keep scale 1 (the aggregator leaves them out anyway).
+    """
+    name = method.name
+    num_tasks = checks.positive_int(name, "num_tasks", num_tasks)
+    checks.choice(name, "nonfinite", nonfinite, NONFINITE)
+
+    def init_fn(params):
+        extras = method.init_extra(num_tasks, params)
+        zero = jnp.zeros((), jnp.int32)
+        return method.state_cls(count=zero, skipped=zero, **extras)
+
+    def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
+        del params
+        grads, in_scales = tree.unwrap(task_grads)
+        T = checks.num_tasks(name, grads, expected=num_tasks)
+        cdt = tree.acc_dtype(*(x.dtype for x in jax.tree.leaves(grads)))
+        losses = checks.task_vector(
+            name, "task_losses", task_losses, T, required=method.needs_losses, dtype=cdt
+        )
+        given_mask = checks.task_mask(name, task_mask, T)
+        mask = jnp.ones((T,), bool) if given_mask is None else given_mask
+        signals = {
+            s.name: _check_signal(name, s, extra.get(s.name), T, grads, cdt)
+            for s in method.signals
+        }
+        ok = _finite_signals(signals, mask)
+        if losses is not None:
+            ok &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
+        ctx = Context(T, None, jnp.ones((), cdt), losses, mask, state, signals=signals, ok=ok,
+                      dtype=cdt)
+        s = jnp.where(mask, lax.stop_gradient(method.scales(ctx).astype(cdt)), 1.0)
+        if in_scales is not None:
+            s = s * jnp.where(mask, in_scales.astype(cdt), 1.0)
+        ok &= jnp.all(jnp.isfinite(s))
+        bad = 0.0 if nonfinite == "skip" else jnp.nan
+        out = tree.TaskScaled(grads, jnp.where(ok, s, bad), ok)
+        new_state = state._replace(count=state.count + jnp.any(mask).astype(jnp.int32))
+        new_state = tree.where_tree(ok, new_state, state)
+        return out, new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -65,9 +65,16 @@ def num_tasks(name: str, task_grads: Any, expected: int | None = None) -> int:
 
 
 def task_vector(
-    name: str, arg: str, value: Any, T: int, *, required: bool, why: str = ""
+    name: str,
+    arg: str,
+    value: Any,
+    T: int,
+    *,
+    required: bool,
+    why: str = "",
+    dtype: Any = jnp.float32,
 ) -> jax.Array | None:
-    """Checks a per-task vector such as ``task_losses``: shape ``(T,)``, floating."""
+    """Checks a per-task vector such as ``task_losses``: shape ``(T,)``; returned in ``dtype``."""
     if value is None:
         if required:
             raise fail(
@@ -79,7 +86,7 @@ def task_vector(
     shape = jnp.shape(value)
     if shape != (T,):
         raise fail(name, f"{arg} must have shape ({T},), one per task; got {shape}.")
-    return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(value).astype(dtype)
 
 
 def task_mask(name: str, mask: Any, T: int) -> jax.Array | None:
@@ -95,21 +102,59 @@ def task_mask(name: str, mask: Any, T: int) -> jax.Array | None:
     return jnp.asarray(mask)
 
 
+def concrete(value: Any) -> bool:
+    """Whether ``value`` is known now (not a tracer): hyperparameters are validated only then.
+
+    ``optax.inject_hyperparams`` and ``jax.vmap`` over hyperparameters hand constructors traced
+    arrays; their values are checked where they are concrete (at construction outside ``jit``).
+    """
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
+
+
 def positive_int(name: str, arg: str, value: Any) -> int | None:
+    """A positive int, or None; a traced value (``inject_hyperparams``) is returned as None:
+    it cannot shape anything, and what it shaped was fixed when it was concrete (``init``)."""
     if value is None:
         return None
+    if not concrete(value):
+        return None
+    if hasattr(value, "shape") and np.shape(value) == () and not isinstance(value, bool):
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.integer):
+            value = int(arr)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise fail(name, f"{arg} must be a positive int; got {value!r}.")
     return int(value)
 
 
-def nonnegative(name: str, arg: str, value: Any, *, upper: float | None = None) -> float:
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    ok = ok and np.isfinite(value) and value >= 0 and (upper is None or value <= upper)
+def nonnegative(name: str, arg: str, value: Any, *, upper: float | None = None) -> Any:
+    """A number ``>= 0`` (and ``<= upper``): checked when concrete, returned as given.
+
+    Floats stay Python floats (weakly typed: they take the dtype of the arrays they meet), arrays
+    stay arrays, so ``optax.inject_hyperparams`` schedules and ``jax.vmap`` sweeps work.
+    """
+    if not concrete(value):
+        if np.ndim(value) != 0:
+            raise fail(name, f"{arg} must be a scalar; got shape {np.shape(value)}.")
+        return value
+    ok = isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
+    ok = ok and not isinstance(value, bool) and np.ndim(value) == 0
+    if ok:
+        v = np.asarray(value)
+        ok = bool(np.issubdtype(v.dtype, np.number) and np.isfinite(v) and v >= 0)
+        ok = ok and (upper is None or bool(v <= upper))
     if not ok:
         bound = f"in [0, {upper}]" if upper is not None else ">= 0"
         raise fail(name, f"{arg} must be a finite number {bound}; got {value!r}.")
-    return float(value)
+    return float(value) if isinstance(value, (int, float, np.number)) else value
+
+
+def positive(name: str, arg: str, value: Any) -> Any:
+    """A finite number ``> 0`` (checked when concrete), returned as given."""
+    value = nonnegative(name, arg, value)
+    if concrete(value) and not float(np.asarray(value)) > 0:
+        raise fail(name, f"{arg} must be a finite number > 0; got {value!r}.")
+    return value
 
 
 def choice(name: str, arg: str, value: Any, options: tuple) -> Any:

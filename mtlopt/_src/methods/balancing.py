@@ -11,43 +11,58 @@ import optax
 from mtlopt._src import build, checks, tree
 
 
-def log_scales(losses: jax.Array, eps: float) -> jax.Array:
-    """``1 / (max(l, 0) + eps)``: the factor that turns grad l into grad log(l + eps).
+def log_scales(losses: jax.Array, eps: Any) -> jax.Array:
+    """``1 / (l + eps)``: the factor that turns grad l into grad log(l + eps).
 
-    Losses must be positive for the log; a loss at or below 0 is out of the log's domain and is
-    clamped to 0, which gives the largest scale ``1 / eps`` (finite, never NaN). A NaN loss
-    gives a NaN scale, so the step is skipped under ``nonfinite="skip"``.
+    A loss of 0 gives the largest scale ``1 / eps`` (finite for ``eps > 0``). A loss below 0 is
+    outside the log's domain: its scale is NaN, so the step is skipped (``nonfinite``) rather
+    than trained on a made-up scale; so is a NaN or inf loss.
     """
-    return 1.0 / (jnp.maximum(losses, 0.0) + eps)
+    return 1.0 / (jnp.where(losses >= 0, losses, jnp.nan) + eps)
 
 
 class LogTransformState(NamedTuple):
-    """State of :func:`log_transform`: the number of steps seen."""
+    """State of :func:`log_transform`: steps seen (any task active) and steps skipped."""
 
     count: jax.Array
+    skipped: jax.Array
 
 
-def log_transform(eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+def log_transform(
+    eps: float = 1e-8, *, num_tasks: int | None = None, nonfinite: str = "skip"
+) -> optax.GradientTransformationExtraArgs:
     r"""DB-MTL's loss-scale balancing alone: each task's gradient of ``log(loss + eps)``.
 
-    Task → task: the leading T axis is kept, so it goes in front of any aggregator, e.g.
+    Task → task: it goes in front of any aggregator, e.g.
     ``optax.chain(mtlopt.log_transform(), mtlopt.cagrad(), optax.adam(1e-3))``.
 
-    .. math:: g_t \leftarrow \frac{g_t}{\max(\ell_t, 0) + \epsilon}
+    .. math:: g_t \leftarrow \frac{g_t}{\ell_t + \epsilon}
+
+    The output is a lazy :class:`mtlopt.TaskScaled` (the task grads and the ``(T,)`` scales): the
+    aggregator after it folds the scales into its Gramian (``S G S``) and its weights (``S w``),
+    so the transform costs no pass over the task grads (``.materialize()`` gives the scaled
+    grads for code outside mtlopt).
 
     Args:
-      eps: added to the loss. A loss ``<= 0`` (outside the log's domain) is clamped to 0, so it
-        is scaled by ``1 / eps``: finite, but large; shift such losses to be positive.
+      eps: added to the loss. A loss of 0 is scaled by ``1 / eps``: finite, but large. A loss
+        below 0 (outside the log's domain), NaN or inf makes the step bad: this transform's
+        state is kept (``skipped`` counts it) and the aggregator after it skips its step.
+      num_tasks: optional; checked against the task grads.
+      nonfinite: ``"skip"`` (default) or ``"propagate"``: on a bad step the output is marked
+        bad either way, so the aggregator after it applies its own policy; ``.materialize()``
+        gives zeros (``"skip"``) or NaN (``"propagate"``).
+
+    Masked tasks (``task_mask``) keep scale 1 (their losses may be NaN).
 
     Cost:
-      One elementwise pass over the task grads; needs ``task_losses``; no state but a count.
+      No pass over the task grads (``O(T)``); needs ``task_losses``; state: two counters.
 
     Examples:
       >>> import jax.numpy as jnp, mtlopt
       >>> tx = mtlopt.log_transform(eps=0.0)
       >>> grads = {"w": jnp.array([[2.0, 4.0], [3.0, 3.0]])}
       >>> out, _ = tx.update(grads, tx.init(None), task_losses=jnp.array([2.0, 3.0]))
-      >>> out["w"]
+      >>> out.materialize()["w"]
       Array([[1., 2.],
              [1., 1.]], dtype=float32)
 
@@ -56,36 +71,25 @@ def log_transform(eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
     """
     name = "log_transform"
     eps = checks.nonnegative(name, "eps", eps)
-
-    def init_fn(params):
-        del params
-        return LogTransformState(count=jnp.zeros((), jnp.int32))
-
-    def update_fn(task_grads, state, params=None, *, task_losses=None, **extra):
-        del params, extra
-        T = checks.num_tasks(name, task_grads)
-        losses = checks.task_vector(
-            name,
-            "task_losses",
-            task_losses,
-            T,
-            required=True,
-            why=" (it divides each task's gradient by its loss)",
-        )
-        scales = jax.lax.stop_gradient(log_scales(losses, eps))
-        return tree.scale_tasks(scales, task_grads), LogTransformState(count=state.count + 1)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    method = build.Method(
+        name,
+        LogTransformState,
+        None,
+        gram=None,
+        needs_losses=True,
+        scales=lambda ctx: log_scales(ctx.losses, eps),
+    )
+    return build.task_transform(method, num_tasks=num_tasks, nonfinite=nonfinite)
 
 
 class DBMTLState(NamedTuple):
-    """State of :func:`db_mtl`: ``ema_grads`` holds the EMA of each task's log-loss gradient
-    for every shared (not task-specific) leaf, a list of ``(T, *leaf_shape)`` arrays."""
+    """State of :func:`db_mtl`: ``ema_grads`` holds the EMA of each task's log-loss gradient, a
+    params-shaped tree of ``(T, *leaf_shape)`` arrays (``None`` at task-specific leaves)."""
 
     count: jax.Array
     skipped: jax.Array
     weights: jax.Array | None
-    ema_grads: list
+    ema_grads: Any
 
 
 def db_mtl(
@@ -94,8 +98,10 @@ def db_mtl(
     beta_sigma: float = 0.0,
     eps: float = 1e-8,
     *,
+    ema_dtype: Any = None,
     task_specific: Any = None,
     nonfinite: str = "skip",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DB-MTL: log losses (scale balance), then every EMA gradient scaled to the largest norm.
 
@@ -155,26 +161,36 @@ def db_mtl(
     eps = checks.nonnegative(name, "eps", eps)
 
     def init_extra(T, shared):
-        return {"ema_grads": [jnp.zeros((T, *jnp.shape(x)), jnp.result_type(x)) for x in shared]}
+        return {"ema_grads": tree.task_zeros(shared, T, ema_dtype)}
 
     def prepare(shared, ctx: build.Context):
-        scales = log_scales(ctx.losses, eps)
-        k = (ctx.state.count + 1).astype(jnp.float32)
-        beta_k = beta / k**beta_sigma
-        keep = ctx.mask
-        # Decide before writing the EMA, from the inputs (one reduction over the grads),
-        # rather than select between the old and new EMA afterwards (a T x P copy).
-        ok = jnp.all(jnp.isfinite(jnp.where(keep, scales, 0.0))) & tree.all_finite(shared)
-        keep = keep & ok
+        dtype = ctx.dtype
+        scales = log_scales(ctx.losses, eps).astype(dtype)
+        if ctx.scales is not None:
+            scales = scales * ctx.scales
+        k = (ctx.state.count + 1).astype(dtype)
+        beta_k = (beta / k**beta_sigma).astype(dtype)
+        # Decide before writing the EMA, from the inputs (the skeleton's checks of the losses,
+        # then one reduction over the grads), rather than select between the old and new EMA
+        # afterwards (a T x P copy): a step skipped for bad inputs leaves the EMA as it was.
+        ok = ctx.ok & jnp.all(jnp.isfinite(jnp.where(ctx.mask, scales, 0.0)))
+        ok &= tree.all_finite(shared)
+        keep = ctx.mask & ok
+        old_leaves, treedef = jax.tree.flatten(ctx.state.ema_grads)
 
         def leaf(g, old):
             rows = (-1,) + (1,) * (g.ndim - 1)
-            g = g.astype(jnp.float32) * scales.reshape(rows)
-            new = (g + beta_k * (old.astype(jnp.float32) - g)).astype(old.dtype)
-            return jnp.where(keep.reshape(rows), new, old)
+            g = g.astype(dtype) * scales.reshape(rows)
+            new = tree.saturate(g + beta_k * (old.astype(dtype) - g), old.dtype)  # never inf
+            new = jnp.where(keep.reshape(rows), new, old)
+            # The squared norms in the same pass (handed on: no second read for pass 1).
+            m = new.reshape(new.shape[0], -1).astype(dtype)
+            return new, jnp.sum(m * m, axis=1)
 
-        ema = [leaf(g, old) for g, old in zip(shared, ctx.state.ema_grads, strict=True)]
-        return ema, {"ema_grads": ema}, ok
+        pairs = [leaf(g, old) for g, old in zip(shared, old_leaves, strict=True)]
+        ema = [p[0] for p in pairs]
+        sq = sum(p[1] for p in pairs) if pairs else None
+        return build.Prepared(ema, {"ema_grads": treedef.unflatten(ema)}, ok, sq)
 
     def weights_fn(ctx: build.Context):
         norms = jnp.sqrt(jnp.maximum(ctx.gram, 0.0))
@@ -190,9 +206,13 @@ def db_mtl(
         gram="diag",
         needs_losses=True,
         prepare=prepare,
-        head_scales=lambda losses: log_scales(losses, eps),
+        head_scales=lambda ctx, w: log_scales(ctx.losses, eps),
         guarded=("ema_grads",),
     )
     return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        method,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        groups=groups,
     )

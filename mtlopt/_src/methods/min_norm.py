@@ -42,7 +42,7 @@ def _solver_state(T: int | None) -> dict:
 
 
 def _warm_start(ctx: build.Context) -> jax.Array:
-    cold = solvers.uniform(ctx.mask)
+    cold = solvers.uniform(ctx.mask, ctx.dtype)
     if ctx.state.dual is None:
         return cold
     # After a skipped or all-masked step the stored dual may be all zero: start cold then.
@@ -57,8 +57,7 @@ def _solver_extras(ctx: build.Context, w: jax.Array, info: SolverInfo) -> dict:
 
 def _check_solver_args(name: str, tol: float, max_iters: int) -> None:
     checks.positive_int(name, "max_iters", max_iters)
-    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
-        raise checks.fail(name, f"tol must be a positive finite number; got {tol!r}.")
+    checks.positive(name, "tol", tol)
 
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -73,6 +72,7 @@ def mgda(
     max_iters: int = 500,
     task_specific: Any = None,
     nonfinite: str = "skip",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""MGDA: the min-norm point of the convex hull of the (normalised) task gradients.
 
@@ -126,26 +126,23 @@ def mgda(
     _check_solver_args(name, tol, max_iters)
     eps = checks.nonnegative(name, "eps", eps)
 
-    def weights_fn(ctx: build.Context):
-        G = ctx.gram
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0)) * ctx.gram_scale
-        if normalization == "none":
-            n = jnp.ones((ctx.T,), jnp.float32)
-        elif normalization == "l2":
-            n = norms
-        elif normalization == "loss":
-            n = ctx.losses
-        else:
-            n = ctx.losses * norms
-        n = jnp.maximum(n, eps)  # a NaN loss stays NaN: the step is then skipped
+    def scales(ctx: build.Context):
+        # 1 / n_t, folded into the Gramian by the skeleton (G / (n n^T), in its pre-scaled
+        # units, so huge or tiny norms cannot over- or underflow) and into the weights (w / n).
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(ctx.gram), 0.0)) * ctx.gram_scale
+        losses = ctx.losses
+        if losses is not None:
+            # A loss below 0 has no meaning as a scale: the step is skipped (NaN), not floored.
+            losses = jnp.where(losses >= 0, losses, jnp.nan)
+        n = {"l2": norms, "loss": losses, "loss+": losses * norms if losses is not None else None}
+        n = jnp.maximum(n[normalization], eps)  # a NaN loss stays NaN: the step is then skipped
         n = jnp.where(n > 0, n, 1.0)  # eps == 0 and a zero norm: leave that gradient as it is
-        # The solve only needs G / (n n^T) up to a positive factor: divide by n in the Gramian's
-        # own (possibly pre-scaled) units, so huge or tiny norms cannot over- or underflow.
-        m = n / ctx.gram_scale if normalization in ("l2", "loss+") else n
-        Gd = (G / m[:, None]) / m[None, :]
-        Gn = solvers.normalize(Gd, ctx.mask)
+        return 1.0 / n
+
+    def weights_fn(ctx: build.Context):
+        Gn = solvers.normalize(ctx.gram, ctx.mask)
         w, info = solvers.min_norm(Gn, _warm_start(ctx), ctx.mask, tol=tol, max_iters=max_iters)
-        return w / n, _solver_extras(ctx, w, info)
+        return w, _solver_extras(ctx, w, info)
 
     method = build.Method(
         name,
@@ -153,9 +150,15 @@ def mgda(
         weights_fn,
         init_extra=lambda T, shared: _solver_state(T),
         needs_losses=normalization in ("loss", "loss+"),
+        scales=None if normalization == "none" else scales,
+        per_group=("dual", "solver"),
     )
     return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        method,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        groups=groups,
     )
 
 
@@ -175,6 +178,7 @@ def cagrad(
     max_iters: int = 500,
     task_specific: Any = None,
     nonfinite: str = "skip",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""CAGrad: descend the mean loss while keeping the worst task's improvement up.
 
@@ -236,36 +240,45 @@ def cagrad(
     """
     name = "cagrad"
     c = checks.nonnegative(name, "c", c)
-    checks.choice(name, "rescale", rescale, (0, 1, 2))
+    if checks.concrete(rescale):
+        checks.choice(name, "rescale", int(rescale) if np.ndim(rescale) == 0 else rescale, (0, 1, 2))
     _check_solver_args(name, tol, max_iters)
-    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     b_given = None
     if g0_weights is not None:
-        b_given = np.asarray(g0_weights, np.float32)
-        if b_given.ndim != 1 or not np.all(np.isfinite(b_given)) or np.any(b_given < 0):
-            raise checks.fail(
-                name,
-                f"g0_weights must be a 1-D sequence of finite weights >= 0; got {g0_weights!r}.",
-            )
-        if num_tasks is not None and num_tasks != b_given.size:
-            raise checks.fail(
-                name, f"num_tasks={num_tasks} but g0_weights has {b_given.size} entries."
-            )
-        num_tasks = b_given.size
+        if jnp.ndim(g0_weights) != 1:
+            raise checks.fail(name, f"g0_weights must be a 1-D sequence; got {g0_weights!r}.")
+        if checks.concrete(g0_weights):
+            b = np.asarray(g0_weights, np.float64)
+            if not np.all(np.isfinite(b)) or np.any(b < 0):
+                raise checks.fail(
+                    name,
+                    f"g0_weights must be a 1-D sequence of finite weights >= 0; got {g0_weights!r}.",
+                )
+            g0_weights = np.asarray(g0_weights, np.float32)
+        size = jnp.shape(g0_weights)[0]
+        if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != size:
+            raise checks.fail(name, f"num_tasks={num_tasks} but g0_weights has {size} entries.")
+        num_tasks, b_given = size, g0_weights
+    # c == 0 is gradient descent on g0: skip the solve where c is known now (a traced c, as
+    # under optax.inject_hyperparams, solves; rho = 0 then gives the same weights).
+    plain = checks.concrete(c) and float(np.asarray(c)) == 0.0
 
     def weights_fn(ctx: build.Context):
-        mask = ctx.mask
+        mask, dtype = ctx.mask, ctx.dtype
+        cc = jnp.asarray(c).astype(dtype)
+        r = jnp.asarray(rescale)
+        divisor = jnp.where(r == 0, 1.0, jnp.where(r == 1, 1.0 + cc * cc, 1.0 + cc)).astype(dtype)
         if b_given is None:
-            b = solvers.uniform(mask)
+            b = solvers.uniform(mask, dtype)
         else:  # keep the total weight when some tasks are masked out
-            full = jnp.asarray(b_given)
+            full = jnp.asarray(b_given).astype(dtype)
             kept = jnp.where(mask, full, 0.0)
             total = jnp.sum(kept)
             b = jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
-        if c == 0.0:
+        if plain:
             return b / divisor, {}
         Gn = solvers.normalize(ctx.gram, mask)
-        rho = c * jnp.sqrt(jnp.maximum(solvers.quad(Gn, b), 0.0))
+        rho = cc * jnp.sqrt(jnp.maximum(solvers.quad(Gn, b), 0.0))
         w, info = solvers.cagrad_dual(
             Gn, b, rho, _warm_start(ctx), mask, tol=tol, max_iters=max_iters
         )
@@ -275,10 +288,18 @@ def cagrad(
         return (b + coef * w) / divisor, _solver_extras(ctx, w, info)
 
     method = build.Method(
-        name, CAGradState, weights_fn, init_extra=lambda T, shared: _solver_state(T)
+        name,
+        CAGradState,
+        weights_fn,
+        init_extra=lambda T, shared: _solver_state(T),
+        per_group=("dual", "solver"),
     )
     return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        method,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        groups=groups,
     )
 
 

@@ -30,7 +30,7 @@ def pcgrad_weights(G: jax.Array, orders: jax.Array, mask: jax.Array) -> jax.Arra
     flops on the ``(T, T)`` Gramian, no pass over the gradients.
     """
     T = G.shape[0]
-    C0 = jnp.eye(T, dtype=jnp.float32)
+    C0 = jnp.eye(T, dtype=G.dtype)
     rows = jnp.arange(T)
 
     def body(p, C):
@@ -40,7 +40,7 @@ def pcgrad_weights(G: jax.Array, orders: jax.Array, mask: jax.Array) -> jax.Arra
         gjj = G[j, j]
         hit = (j != rows) & (dots < 0) & (gjj > 0) & mask[j]
         coef = jnp.where(hit, dots / jnp.where(gjj > 0, gjj, 1.0), 0.0)
-        return C - coef[:, None] * jax.nn.one_hot(j, T, dtype=jnp.float32)
+        return C - coef[:, None] * jax.nn.one_hot(j, T, dtype=G.dtype)
 
     C = lax.fori_loop(0, T, body, C0)
     return jnp.sum(jnp.where(mask[:, None], C, 0.0), axis=0)
@@ -52,6 +52,7 @@ def pcgrad(
     num_tasks: int | None = None,
     task_specific: Any = None,
     nonfinite: str = "skip",
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""PCGrad: project each task gradient off the others it conflicts with, then sum.
 
@@ -92,21 +93,20 @@ def pcgrad(
       <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
     """
     name = "pcgrad"
-    key_data = rng.key_data(name, seed)
+    rng.key_data(name, seed)  # checked now
 
     def weights_fn(ctx: build.Context):
-        key, sub = jax.random.split(rng.wrap(ctx.state.key))
         T = ctx.T
-        others = jax.vmap(lambda k: jax.random.permutation(k, T))(jax.random.split(sub, T))
+        others = jax.vmap(lambda k: jax.random.permutation(k, T))(jax.random.split(ctx.key, T))
         Gn = solvers.normalize(ctx.gram, ctx.mask)
-        return pcgrad_weights(Gn, others, ctx.mask), {"key": jax.random.key_data(key)}
+        return pcgrad_weights(Gn, others, ctx.mask), {}
 
-    method = build.Method(
-        name,
-        PCGradState,
-        weights_fn,
-        init_extra=lambda T, shared: {"key": jnp.array(key_data, copy=True)},
-    )
+    method = build.Method(name, PCGradState, weights_fn, random=True)
     return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        method,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        groups=groups,
+        seed=seed,
     )

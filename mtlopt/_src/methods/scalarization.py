@@ -56,9 +56,11 @@ def mean(
     """
 
     def weights_fn(ctx):
-        return solvers.uniform(ctx.mask), {}
+        return solvers.uniform(ctx.mask, ctx.dtype), {}
 
-    method = build.Method("mean", MeanState, weights_fn, gram=None)
+    method = build.Method(
+        "mean", MeanState, weights_fn, gram=None, loss_weighting=True, head_scales=_same_weights
+    )
     return build.aggregator(
         method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
     )
@@ -94,18 +96,33 @@ def linear(
       >>> updates
       {'w': Array([3., 2.], dtype=float32)}
     """
-    w = np.asarray(weights, np.float32)
-    if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)):
+    name = "linear"
+    if jnp.ndim(weights) != 1 or jnp.shape(weights)[0] == 0:
         raise checks.fail(
-            "linear", f"weights must be a non-empty finite 1-D sequence; got {weights!r}."
+            name, f"weights must be a non-empty finite 1-D sequence; got {weights!r}."
         )
-    if num_tasks is not None and num_tasks != w.size:
-        raise checks.fail("linear", f"num_tasks={num_tasks} but {w.size} weights were given.")
+    T = jnp.shape(weights)[0]
+    if checks.concrete(weights):
+        w = np.asarray(weights, np.float64)
+        if not np.all(np.isfinite(w)):
+            raise checks.fail(
+                name, f"weights must be a non-empty finite 1-D sequence; got {weights!r}."
+            )
+        weights = np.asarray(weights, np.float32) if not hasattr(weights, "dtype") else weights
+    if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != T:
+        raise checks.fail(name, f"num_tasks={num_tasks} but {T} weights were given.")
 
     def weights_fn(ctx):
-        return jnp.asarray(w), {}
+        return jnp.asarray(weights).astype(ctx.dtype), {}
 
-    method = build.Method("linear", LinearState, weights_fn, gram=None)
-    return build.aggregator(
-        method, num_tasks=w.size, task_specific=task_specific, nonfinite=nonfinite
+    method = build.Method(
+        name, LinearState, weights_fn, gram=None, loss_weighting=True, head_scales=_same_weights
     )
+    return build.aggregator(method, num_tasks=T, task_specific=task_specific, nonfinite=nonfinite)
+
+
+def _same_weights(ctx, w):
+    """Loss weighting: each head gets its task's loss weight, as the trunk does (the gradient of
+    ``sum_t w_t l_t`` with respect to task t's head is ``w_t g_t``)."""
+    del ctx
+    return w
