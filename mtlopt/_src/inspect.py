@@ -15,9 +15,11 @@ def task_weights(opt_state: Any) -> jax.Array | None:
     """The ``(T,)`` weights the aggregator applied in its most recent update.
 
     Searches ``opt_state`` (a chain, a wrapper, any nesting of tuples, lists and dicts)
-    breadth-first for a state with a ``weights`` field, so a wrapper's own weights win over
-    those of a method inside it. Returns ``None`` when the method keeps no weights (it was
-    built without ``num_tasks``, or has none).
+    breadth-first for a state with a ``weights`` field that holds an array, so a wrapper's own
+    weights win over those of a method inside it, and a state whose ``weights`` is None (a
+    method built without ``num_tasks``, or a per-coordinate one) is passed over. Returns
+    ``None`` when no state keeps weights. Under ``groups=`` the weights are ``(K, T)``, one row
+    per group.
 
     Examples:
       >>> import jax.numpy as jnp, optax, mtlopt
@@ -30,7 +32,7 @@ def task_weights(opt_state: Any) -> jax.Array | None:
     level = [opt_state]
     while level:
         for node in level:
-            if _is_state(node) and "weights" in node._fields:
+            if _is_state(node) and "weights" in node._fields and node.weights is not None:
                 return node.weights
         nxt = []
         for node in level:

@@ -72,6 +72,7 @@ def _registered() -> bool:
 
 def call(x: jax.Array, scale: jax.Array) -> jax.Array:
     """The raw kernel: ``x`` float32 ``(..., T, C)``, ``scale`` float32 ``(..., 1)``."""
+    _load_error()  # (registers the handlers, once)
     out = jax.ShapeDtypeStruct((*x.shape[:-1], x.shape[-2]), jnp.float32)
     return jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(x, scale)
 
@@ -82,6 +83,7 @@ def combine_call(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     Returns ``w @ x`` ``(..., C)`` and a check ``(...)``: 0.0 where every output is finite, NaN
     otherwise. Under vmap an unmapped argument is read once per batch element, not copied.
     """
+    _load_error()
     outs = (
         jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1]), jnp.float32),
         jax.ShapeDtypeStruct(x.shape[:-2], jnp.float32),
@@ -92,6 +94,7 @@ def combine_call(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
 def fill_unless_call(ok: jax.Array, fill: jax.Array, x: jax.Array) -> jax.Array:
     """The raw fill kernel: float32 ``x`` ``(..., C)``, in place, set to ``fill`` ``(...)`` where
     the bool ``ok`` ``(...)`` is false; untouched (no pass over it) where it is true."""
+    _load_error()
     out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     call = jax.ffi.ffi_call(
         FILL_TARGET, out, vmap_method="broadcast_all", input_output_aliases={2: 0}

@@ -35,6 +35,7 @@ Gramian's dtype (float32, or float64 with ``jax_enable_x64``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,6 +45,9 @@ from jax import lax
 from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
+
+# The rounding of a sum of terms, in ulps of the sum of their magnitudes (see _evaluate).
+_ULPS = 8.0
 
 
 class SolverInfo(NamedTuple):
@@ -112,10 +116,46 @@ def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
 
 
-def _gap(w, f, g, mask, lower_bound):
-    """The reported gap: the Frank-Wolfe gap, or ``F(w) - lower_bound`` where that is smaller."""
-    gap = fw_gap(w, g, mask)
-    return gap if lower_bound is None else jnp.minimum(gap, f - lower_bound)
+class Rounding(NamedTuple):
+    """The rounding errors of F and of grad F at a point, in absolute terms (eps included).
+
+    ``f``: a scalar; ``g``: ``(T,)``, one per coordinate (0 where a coordinate's rounding is
+    not to be trusted: the gap then takes that coordinate's computed gradient as it is).
+    """
+
+    f: jax.Array
+    g: jax.Array
+
+
+class _Eval(NamedTuple):
+    f: jax.Array
+    g: jax.Array
+    gap: jax.Array  # the reported gap
+    bar: jax.Array  # the stop: gap <= bar
+    slack: jax.Array  # F's rounding: a change of F smaller than this is no change
+
+
+def _evaluate(w, value_and_grad, rounding, size, mask, lower_bound, tol) -> _Eval:
+    """F, its gradient, the duality gap at ``w`` and the bar it must reach.
+
+    The gap is the Frank-Wolfe gap with each coordinate's gradient granted its rounding,
+    ``<g, w> - min_i (g_i + r_i)`` (or ``F(w) - lower_bound`` where that is smaller). For a
+    convex F, ``F(w) - F* <= gap + <w + w*, r>`` (the gradient is only known to ``r``), and
+    ``<w + w*, r>`` is of the order of F's own rounding: it is small even where a coordinate
+    of large gradient norm, whose gradient is a sum of large terms that cancel, carries a
+    rounding far above F's (a badly scaled Gramian), because such coordinates carry small
+    weights.
+
+    The bar: ``max(tol * size(w, F, g), floor)``, ``floor`` the rounding of F (relative
+    accuracy where F's scale allows, F's rounding where it does not).
+    """
+    f, g = value_and_grad(w)
+    r = rounding(w)
+    gap = jnp.dot(g, w, precision=HIGHEST) - jnp.min(jnp.where(mask, g + r.g, jnp.inf))
+    if lower_bound is not None:
+        gap = jnp.minimum(gap, f - lower_bound)
+    bar = jnp.maximum(tol * jnp.maximum(size(w, f, g), 0.0), r.f)
+    return _Eval(f, g, gap, bar, r.f)
 
 
 def _spread(G: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,21 +164,20 @@ def _spread(G: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dist2, dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
 
 
-def _two_tasks(a, free, w0, mask, value_and_grad, lower_bound, tol):
+def _two_tasks(a, free, w0, mask, evaluate):
     """The answer for T = 2 from ``a``, the weight of task 0 on the segment ``(a, 1 - a)``.
 
     Where ``free``, every point is optimal and the (projected) start is kept. One active task
     takes weight 1, none leaves 0. Reported as the loop would: 0 steps, the gap at the answer.
     Two tasks have closed forms (the minimum of a convex function of one variable on [0, 1]):
-    no ``lax.while_loop``, so no host round trip per step on accelerators, and no rounding
-    floor from a stopping rule.
+    no ``lax.while_loop``, hence no predicate to bring back to the host per step on GPU, and
+    no stopping rule.
     """
     start = project(w0, mask)
     a = jnp.where(free | ~jnp.isfinite(a), start[0], jnp.clip(a, 0.0, 1.0))
     w = jnp.where(mask[0] & mask[1], jnp.stack([a, 1.0 - a]), mask.astype(w0.dtype))
-    f, g = value_and_grad(w)
-    gap = _gap(w, f, g, mask, lower_bound)
-    return w, SolverInfo(jnp.zeros((), jnp.int32), gap, gap <= tol)
+    e = evaluate(w)
+    return w, SolverInfo(jnp.zeros((), jnp.int32), e.gap, e.gap <= e.bar)
 
 
 def _kkt_solve(
@@ -206,9 +245,7 @@ class _Carry(NamedTuple):
     w: jax.Array
     y: jax.Array  # FISTA's extrapolated point
     t: jax.Array  # FISTA's momentum parameter
-    f: jax.Array
-    g: jax.Array
-    gap: jax.Array
+    e: _Eval  # F, its gradient, the gap and the stop's bar at w
     k: jax.Array
     stall: jax.Array  # steps since F last fell below its best value by more than rounding
     best: jax.Array  # the lowest F so far
@@ -222,6 +259,8 @@ def minimize_on_simplex(
     *,
     tol: float,
     max_iters: int,
+    rounding: Callable[[jax.Array], Rounding],
+    size: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     hessian: Callable[[jax.Array], jax.Array] | None = None,
     face_solve: FaceSolve | None = None,
     newton_ridge: float = 64.0,
@@ -237,8 +276,13 @@ def minimize_on_simplex(
         non-smooth F, the curvature of a majorizer of F that touches it at ``y``).
       w0: the starting point (projected first), e.g. the last step's solution.
       mask: ``(T,)`` bool, the coordinates that may be nonzero.
-      tol: stop once the Frank-Wolfe gap is at most ``tol``.
+      tol: relative: stop once the gap is at most ``tol * size(w, F(w), grad F(w))``, or at
+        most the rounding of F (``rounding(w).f``), whichever is larger.
       max_iters: the iteration cap (static).
+      rounding: ``w -> Rounding``, the rounding errors of F and of each coordinate of its
+        gradient at ``w`` (see :func:`_evaluate`).
+      size: the scale of F that ``tol`` is relative to; default ``F(w) - lower_bound`` (F(w)
+        where no lower bound is given).
       hessian: optional ``w -> (T, T)`` Hessian of F: each step then first tries a Newton
         step on the current face.
       face_solve: optional :class:`FaceSolve`, the minimiser of F over the affine hull of a
@@ -256,49 +300,52 @@ def minimize_on_simplex(
     """
     w0 = jnp.asarray(w0)
     dtype = w0.dtype if jnp.issubdtype(w0.dtype, jnp.floating) else jnp.float32
-    w = project(w0.astype(dtype), mask)
-    eps = jnp.finfo(dtype).eps
+    w0 = jnp.where(mask, w0.astype(dtype), 0.0)
+    total = jnp.sum(w0)
+    # A start on the simplex up to rounding (a warm start) is rescaled, which keeps its zeros
+    # (a projection could lift them all by the rounding of the sum); any other is projected.
+    on = jnp.all(w0 >= 0) & (jnp.abs(total - 1.0) <= 1e-3)
+    w = jnp.where(on, w0 / jnp.where(on, total, 1.0), project(w0, mask))
     T = w.shape[0]
+    if size is None:
+        base = jnp.zeros((), dtype) if lower_bound is None else lower_bound
+        size = lambda w, f, g: f - base  # noqa: E731
 
-    def gap_of(w, f, g):
-        return _gap(w, f, g, mask, lower_bound)
-
-    def rounding(c):
-        # The rounding level of F, of the order of sum_i w_i |grad_i| for F = w^T G w and for
-        # CAGrad's dual (both have F(w) = <grad F(w), w> up to a factor).
-        return 8.0 * eps * (jnp.abs(c.f) + jnp.dot(jnp.abs(c.g), c.w, precision=HIGHEST))
+    def evaluate(w):
+        return _evaluate(w, value_and_grad, rounding, size, mask, lower_bound, tol)
 
     def progress(c, f_new):
         # A decrease of the best F beyond its rounding.
-        return f_new < c.best - rounding(c)
+        return f_new < c.best - c.e.slack
 
-    f, g = value_and_grad(w)
+    e = evaluate(w)
     zero = jnp.int32(0)
-    carry = _Carry(w, w, jnp.ones((), dtype), f, g, gap_of(w, f, g), zero, zero, f)
+    carry = _Carry(w, w, jnp.ones((), dtype), e, zero, zero, e.f)
 
     def cond(c):
-        return (c.gap > tol) & (c.k < max_iters) & (c.stall < patience)
+        return (c.e.gap > c.e.bar) & (c.k < max_iters) & (c.stall < patience)
+
+    def pick(accept, new, old):
+        return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
 
     def fista(c):
         _, gy = value_and_grad(c.y)
         L = curvature(c.y)
         step = jnp.where(L > 0, 1.0 / jnp.where(L > 0, L, 1.0), 0.0)
         w_new = project(c.y - step * gy, mask)
-        f_new, g_new = value_and_grad(w_new)
+        e_new = evaluate(w_new)
         # A plain projected step (t == 1) never increases F; an accelerated one may: then restart.
-        accept = (f_new <= c.f) | (c.t == 1.0)
+        accept = (e_new.f <= c.e.f) | (c.t == 1.0)
         t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * c.t * c.t))
         y_next = w_new + ((c.t - 1.0) / t_next) * (w_new - c.w)
         return _Carry(
             w=jnp.where(accept, w_new, c.w),
             y=jnp.where(accept, y_next, c.w),
             t=jnp.where(accept, t_next, 1.0),
-            f=jnp.where(accept, f_new, c.f),
-            g=jnp.where(accept, g_new, c.g),
-            gap=jnp.where(accept, gap_of(w_new, f_new, g_new), c.gap),
+            e=pick(accept, e_new, c.e),
             k=c.k + 1,
-            stall=jnp.where(accept & progress(c, f_new), 0, c.stall + 1),
-            best=jnp.minimum(c.best, jnp.where(accept, f_new, c.best)),
+            stall=jnp.where(accept & progress(c, e_new.f), 0, c.stall + 1),
+            best=jnp.minimum(c.best, jnp.where(accept, e_new.f, c.best)),
         )
 
     lengths = 0.25 ** jnp.arange(num_steps, dtype=dtype)
@@ -316,16 +363,16 @@ def minimize_on_simplex(
         return jnp.concatenate([wa, wb])
 
     def active_set_step(c):
-        lam = jnp.dot(c.g, c.w, precision=HIGHEST)
+        lam = jnp.dot(c.e.g, c.w, precision=HIGHEST)
         support = mask & (c.w > 0)
         # Two faces: the support, and the support with the zero coordinates whose gradient
         # asks to enter (the Frank-Wolfe gap's direction).
-        faces = [support, support | (mask & (c.g < lam))]
+        faces = [support, support | (mask & (c.e.g < lam))]
         face = jnp.stack(faces)
         mats, rhss, sums, ridges = [], [], [], []  # all systems go to one batched solve
         if hessian is not None:
             mats.append(jnp.broadcast_to(hessian(c.w), (2, T, T)))
-            rhss.append(jnp.broadcast_to(jnp.stack([-c.g, jnp.zeros_like(c.g)], 1), (2, T, 2)))
+            rhss.append(jnp.broadcast_to(jnp.stack([-c.e.g, jnp.zeros_like(c.e.g)], 1), (2, T, 2)))
             sums.append(jnp.zeros((2, 2), dtype))
             ridges.append(jnp.full((2,), newton_ridge, dtype))
         if face_solve is not None:
@@ -355,29 +402,27 @@ def minimize_on_simplex(
         cands = cands.reshape(-1, T)
         total = jnp.sum(cands, axis=1)
         cands = cands / jnp.where(total > 0, total, 1.0)[:, None]
-        fs, gs = jax.vmap(value_and_grad)(cands)
-        fs = jnp.where(jnp.isfinite(fs) & (total > 0), fs, jnp.inf)
-        gaps = jax.vmap(gap_of)(cands, fs, gs)
+        es = jax.vmap(evaluate)(cands)
+        fs = jnp.where(jnp.isfinite(es.f) & (total > 0), es.f, jnp.inf)
         # The lowest F; where none is lower beyond rounding (F is flat to second order near
         # the optimum, its gap is first order), the smallest gap among those no higher.
-        slack = rounding(c)
+        slack = c.e.slack
         i_f = jnp.argmin(fs)
-        tie = (fs <= c.f + slack) & (gaps < c.gap)
-        i_gap = jnp.argmin(jnp.where(tie, gaps, jnp.inf))
-        by_f = fs[i_f] < c.f - slack
+        tie = (fs <= c.e.f + slack) & (es.gap < c.e.gap)
+        i_gap = jnp.argmin(jnp.where(tie, es.gap, jnp.inf))
+        by_f = fs[i_f] < c.e.f - slack
         i = jnp.where(by_f, i_f, i_gap)
         accept = by_f | jnp.any(tie)
-        w_new, f_new, g_new, gap_new = cands[i], fs[i], gs[i], gaps[i]
+        w_new = cands[i]
+        e_new = jax.tree.map(lambda x: x[i], es)
         out = _Carry(
             w=jnp.where(accept, w_new, c.w),
             y=jnp.where(accept, w_new, c.y),
             t=jnp.where(accept, 1.0, c.t),
-            f=jnp.where(accept, f_new, c.f),
-            g=jnp.where(accept, g_new, c.g),
-            gap=jnp.where(accept, gap_new, c.gap),
+            e=pick(accept, e_new, c.e),
             k=c.k + 1,
-            stall=jnp.where(progress(c, f_new), 0, c.stall + 1),
-            best=jnp.minimum(c.best, jnp.where(accept, f_new, c.best)),
+            stall=jnp.where(progress(c, e_new.f), 0, c.stall + 1),
+            best=jnp.minimum(c.best, jnp.where(accept, e_new.f, c.best)),
         )
         return out, accept
 
@@ -390,7 +435,7 @@ def minimize_on_simplex(
             return lax.cond(accept, lambda: out, lambda: fista(c))
 
     out = lax.while_loop(cond, body, carry)
-    return out.w, SolverInfo(out.k, out.gap, out.gap <= tol)
+    return out.w, SolverInfo(out.k, out.e.gap, out.e.gap <= out.e.bar)
 
 
 def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_iters: int):
@@ -399,19 +444,38 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
     F is quadratic: the Newton step on a face is its exact minimiser there. ``F* >= 0``.
     """
     L = 2.0 * spectral_bound(G)
+    A = jnp.abs(G)
+    ulps = _ULPS * jnp.finfo(G.dtype).eps
 
     def value_and_grad(w):
         Gw = matvec(G, w)
         return jnp.dot(w, Gw, precision=HIGHEST), 2.0 * Gw
 
+    def rounding(w):
+        # F = w^T G w and (G w)_i are sums of terms w_i G_ij w_j and G_ij w_j: their rounding is
+        # a few ulps of the sums of the terms' magnitudes, w^T |G| w <= (sum_i w_i sqrt(G_ii))^2
+        # and (|G| w)_i. The latter is far larger for a task of large norm and small weight.
+        Aw = matvec(A, w)
+        return Rounding(ulps * jnp.dot(w, Aw, precision=HIGHEST), 2.0 * ulps * Aw)
+
+    zero = jnp.zeros((), G.dtype)
     w0 = jnp.asarray(w0).astype(G.dtype)
     if G.shape[0] == 2:
         # |a g0 + (1 - a) g1|^2 is least at a = <g1, g1 - g0> / |g0 - g1|^2 (clipped to [0, 1]);
         # identical gradients: every point.
         dist2, free = _spread(G)
         a = (G[1, 1] - G[0, 1]) / jnp.where(free, 1.0, dist2)
-        zero = jnp.zeros((), G.dtype)
-        return _two_tasks(a, free, w0, mask, value_and_grad, zero, tol)
+        size = lambda w, f, g: f  # noqa: E731
+        evaluate = functools.partial(
+            _evaluate,
+            value_and_grad=value_and_grad,
+            rounding=rounding,
+            size=size,
+            mask=mask,
+            lower_bound=zero,
+            tol=tol,
+        )
+        return _two_tasks(a, free, w0, mask, evaluate)
 
     return minimize_on_simplex(
         value_and_grad,
@@ -420,8 +484,9 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
         mask,
         tol=tol,
         max_iters=max_iters,
+        rounding=rounding,
         hessian=lambda w: 2.0 * G,
-        lower_bound=jnp.zeros((), G.dtype),
+        lower_bound=zero,
     )
 
 
@@ -473,6 +538,35 @@ def cagrad_dual(
     def curvature(y):
         return rho * lam / jnp.maximum(norm_of(y)[1], floor)
 
+    A = jnp.abs(G)
+    Ab = matvec(A, b)
+    eps = jnp.finfo(dtype).eps
+    ulps = _ULPS * eps
+
+    def rounding(w):
+        # F = w^T G b + rho sqrt(q), q = w^T G w; grad F = G b + (rho / sqrt(q)) G w. The
+        # rounding of q is dq (as for MGDA); that of sqrt(q) is at most dq / (2 sqrt(q)) and
+        # sqrt(dq). The direction G w / sqrt(q) has rounding rho (|G| w / sqrt(q) +
+        # |G w| dq / (2 q^1.5)); where q is below 64 dq that direction is noise, and the gap
+        # takes the computed gradient as it is (no allowance) rather than trust none of it.
+        Gw, norm = norm_of(w)
+        Aw = matvec(A, w)
+        qa = jnp.dot(w, Aw, precision=HIGHEST)
+        dq = ulps * qa
+        nf = jnp.maximum(norm, floor)
+        r_f = ulps * jnp.dot(w, Ab, precision=HIGHEST) + rho * jnp.minimum(
+            dq / (2.0 * nf), jnp.sqrt(eps * qa)
+        )
+        known = norm * norm > 64.0 * dq
+        n = jnp.where(known, nf, 1.0)
+        r_dir = rho * (ulps * Aw / n + jnp.abs(Gw) * dq / (2.0 * n * n * n))
+        return Rounding(r_f, ulps * Ab + jnp.where(known, r_dir, 0.0))
+
+    def size(w, f, g):
+        # |d - d*|^2 <= 2 rho (F(w) - F*) / |g_w| (see the docstring): F(w) - F* at most
+        # tol * rho |g_w| / 2 puts d within sqrt(tol) * rho of d*.
+        return 0.5 * rho * norm_of(w)[1]
+
     def hessian(w):
         Gw, norm = norm_of(w)
         norm = jnp.maximum(norm, floor)
@@ -523,7 +617,16 @@ def cagrad_dual(
         end = jnp.where(c1 > 0, 0.0, 1.0)
         a = jnp.where(bounded, (s - qb) / jnp.where(flat, 1.0, qa), end)
         free = (flat | (den <= 0)) & (c1 == 0)
-        return _two_tasks(a, free, jnp.asarray(w0).astype(dtype), mask, value_and_grad, lower, tol)
+        evaluate = functools.partial(
+            _evaluate,
+            value_and_grad=value_and_grad,
+            rounding=rounding,
+            size=size,
+            mask=mask,
+            lower_bound=lower,
+            tol=tol,
+        )
+        return _two_tasks(a, free, jnp.asarray(w0).astype(dtype), mask, evaluate)
 
     return minimize_on_simplex(
         value_and_grad,
@@ -532,6 +635,8 @@ def cagrad_dual(
         mask,
         tol=tol,
         max_iters=max_iters,
+        rounding=rounding,
+        size=size,
         hessian=hessian,
         face_solve=face_solve,
         # The Hessian's scale grows as rho / ||g_w|| near g_w = 0: a ridge of 64 ulps of it

@@ -122,8 +122,8 @@ def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax
     return lax.fori_loop(0, n, body, acc) if n else acc
 
 
-# The measurement behind MTLOPT_CPU_GRAMIAN_LOOP=measure: a (T, _PROBE_COLUMNS) float32 array, the fastest of
-# _PROBE_CALLS calls of each loop. The outer-product loop must win by _PROBE_MARGIN, so that
+# The measurement behind MTLOPT_CPU_GRAMIAN_LOOP=measure: a (T, _PROBE_COLUMNS) float32 array,
+# the fastest of _PROBE_CALLS calls of each loop. The outer-product loop must win by _PROBE_MARGIN, so that
 # machines where the two are close always take the dot loop instead of a choice that timing
 # noise could flip from one process to the next (machine B: 2-3x at T = 10, 1.1x at T = 16).
 _PROBE_COLUMNS = 1 << 18
@@ -324,17 +324,24 @@ def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
     return sum(leaf(x) for x in leaves)
 
 
-# Pass 2, sum_t w[t] * J[t] per leaf. On XLA:CPU, float32 leaves go to the native kernel where it
-# is available (native.combine_call): it splits the columns over XLA's thread pool, prefetches
-# the T rows, and checks the output for non-finite values in the same read, so the non-finite
-# guard (combine_checked, then fill_unless) costs no second pass and no copy. Measured side by side
-# in one process (benchmarks/pass2.py, T = 10, P = 1e6 float32, median ms per call, 2-core Zen 4,
-# glibc malloc defaults): see _PASS2_NUMBERS below. Other leaves (bfloat16 / float16:
-# accumulated in float32; float64: in float64), other platforms, several CPU devices and
-# MTLOPT_NATIVE=0: one XLA dot per leaf. Dropped: the dot split into column halves or quarters
-# (58-76 ms: XLA:CPU copies the slices and runs a slow dot on each), a sum of w[:, None] * J over
-# axis 0 (8.3 ms); an elementwise chain w[0] J[0] + w[1] J[1] + ... ties with the dot (1.37 ms).
-_PASS2_NUMBERS = None  # (filled in below once measured)
+# Pass 2, sum_t w[t] * J[t] per leaf: one XLA dot. Measured side by side in one process
+# (benchmarks/pass2.py, T = 10, P = 1e6 float32, median ms per call, 2-core Zen 5 EPYC shared with
+# other jobs; four runs, two with glibc's malloc defaults, two with freed memory kept):
+#   XLA dot 0.98-1.30; elementwise chain w[0] J[0] + w[1] J[1] + ... 0.89-1.27 (a tie); the
+#   native kernel (native.combine_call: 32 columns in registers, rows prefetched, chunks over
+#   XLA's pool, a finiteness check in the same read) 1.41-1.84, and 2.46 on one thread, against
+#   0.95 for the same loop in a C++ harness (not understood yet: so not used); numpy w @ J
+#   0.65-1.39 (OpenBLAS, 2 threads; 8 ms in runs where the other core was busy); torch w @ J
+#   1.42-1.55; TorchJD Mean 1.51-1.76.
+#   The guard (is the update finite? else zeros): all_finite's reduction over the output then
+#   lax.cond 1.24-1.38 (freed memory kept) and 1.81-3.67 (glibc: the cond copies the output
+#   into a second fresh buffer, page faults), all_finite then fill_unless (in place, no copy)
+#   1.31 / 2.75; the kernel's check then fill_unless 1.49-1.83 / 1.60-1.97.
+# Dropped: the dot on column halves or quarters (12-76 ms: XLA:CPU copies the slices), a sum of
+# w[:, None] * J over axis 0 (2.4-5.1 ms), the elementwise chain with all_finite (XLA computes
+# the chain twice, once for the output, once inside the reduction: 1.75-3.79).
+# Other leaves: bfloat16 / float16 accumulate in float32, float64 in float64.
+_COMBINE_KERNEL = False  # the native combination kernel by default (see above: not yet)
 
 
 def _combine_xla(w: jax.Array, m: jax.Array) -> jax.Array:
@@ -391,9 +398,11 @@ def _native_leaf(m: jax.Array, use_native: bool) -> bool:
 
 
 def _combine_leaves(w, matrices, *, cpu: bool, use_native: bool | None = None):
-    """Per matrix ``(T, C)``: ``w @ m`` and, for kernel leaves, the kernel's check (else None)."""
+    """Per matrix ``(T, C)``: ``w @ m`` and, for kernel leaves, the kernel's check (else None).
+
+    ``use_native`` (tests, benchmarks) forces the kernel on or off for float32 leaves on CPU."""
     if use_native is None:
-        use_native = cpu and native.available()
+        use_native = _COMBINE_KERNEL and cpu and native.available()
     outs, checks_ = [], []
     for m in matrices:
         if cpu and _native_leaf(m, use_native):
@@ -421,6 +430,8 @@ def _combine_matrices(w, matrices, with_flag: bool, use_native: bool | None = No
 
     if not matrices:
         return [], (jnp.asarray(True) if with_flag else None)
+    if use_native is False or (use_native is None and not _COMBINE_KERNEL):
+        return run(*matrices, cpu=False)
     return lax.platform_dependent(
         *matrices,
         cpu=lambda *ms: run(*ms, cpu=True),
@@ -440,8 +451,7 @@ def _weights_for(weights: jax.Array, task_grads: Any) -> jax.Array:
 def combine(weights: jax.Array, task_grads: Any) -> Any:
     """``sum_t weights[t] * grad_t``: a pytree shaped like the params, in each leaf's dtype.
 
-    Accumulated in float32 (float64 for float64 leaves). On CPU, float32 leaves go through the
-    native kernel where it is in use (:func:`mtlopt.native_kernel_available`).
+    Accumulated in float32 (float64 for float64 leaves), one dot per leaf.
 
     Examples:
         >>> import jax.numpy as jnp, mtlopt
@@ -453,16 +463,17 @@ def combine(weights: jax.Array, task_grads: Any) -> Any:
 
 
 def combine_checked(
-    weights: jax.Array, task_grads: Any, *, with_flag: bool = True
+    weights: jax.Array, task_grads: Any, *, with_flag: bool = True, use_native: bool | None = None
 ) -> tuple[Any, jax.Array | None]:
     """:func:`combine`, and a scalar bool: every element of every output is finite.
 
-    The same flag as ``all_finite(combine(weights, task_grads))``; where the native kernel
-    computes a leaf, its flag comes from the same read as the output (no second pass).
+    The same flag as ``all_finite(combine(weights, task_grads))``: with :func:`fill_unless`,
+    the non-finite guard without a copy of the update. (With the native combination kernel,
+    off by default, the flag of its leaves comes from the same read as the output.)
     """
     leaves, treedef = jax.tree.flatten(task_grads)
     w = _weights_for(weights, task_grads)
-    outs, ok = _combine_matrices(w, [as_matrix(x) for x in leaves], with_flag)
+    outs, ok = _combine_matrices(w, [as_matrix(x) for x in leaves], with_flag, use_native)
     outs = [o.reshape(x.shape[1:]) for o, x in zip(outs, leaves, strict=True)]
     return jax.tree.unflatten(treedef, outs), ok
 

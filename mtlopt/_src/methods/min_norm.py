@@ -46,7 +46,8 @@ def _warm_start(ctx: build.Context) -> jax.Array:
     if ctx.state.dual is None:
         return cold
     # After a skipped or all-masked step the stored dual may be all zero: start cold then.
-    return jnp.where(jnp.sum(jnp.where(ctx.mask, ctx.state.dual, 0.0)) > 0, ctx.state.dual, cold)
+    dual = ctx.state.dual.astype(ctx.dtype)
+    return jnp.where(jnp.sum(jnp.where(ctx.mask, dual, 0.0)) > 0, dual, cold)
 
 
 def _solver_extras(ctx: build.Context, w: jax.Array, info: SolverInfo) -> dict:
@@ -136,7 +137,7 @@ def mgda(
             losses = jnp.where(losses >= 0, losses, jnp.nan)
         n = {"l2": norms, "loss": losses, "loss+": losses * norms if losses is not None else None}
         n = jnp.maximum(n[normalization], eps)  # a NaN loss stays NaN: the step is then skipped
-        n = jnp.where(n > 0, n, 1.0)  # eps == 0 and a zero norm: leave that gradient as it is
+        n = jnp.where(n == 0, 1.0, n)  # eps == 0 and a zero norm: leave that gradient as it is
         return 1.0 / n
 
     def weights_fn(ctx: build.Context):
@@ -301,60 +302,3 @@ def cagrad(
         nonfinite=nonfinite,
         groups=groups,
     )
-
-
-def cagrad_fast_groups(key: jax.Array, num_tasks: int, n: int) -> jax.Array:
-    r"""CAGrad-Fast's random grouping of T tasks into ``n`` groups, as an ``(n, T)`` matrix.
-
-    Each step, the tasks are shuffled; the first ``n - 1`` stay alone, the remaining
-    ``T - n + 1`` are merged into one averaged loss. Every task lands in exactly one group.
-    Apply it to the loss vector *before* differentiating, so only ``n`` backward passes run:
-    ``grouped = M @ losses``; then hand :func:`mtlopt.cagrad` the matching
-    ``g0_weights=cagrad_fast_weights(T, n)``.
-
-    Args:
-      key: a PRNG key (split it every step).
-      num_tasks: T.
-      n: the number of groups, ``1 <= n <= T``.
-
-    Returns:
-      ``M``, ``(n, T)`` float32: row ``i < n-1`` is one-hot on a task, the last row averages
-      the merged tasks (``1 / (T - n + 1)`` on each).
-
-    Examples:
-      >>> import jax, mtlopt
-      >>> M = mtlopt.cagrad_fast_groups(jax.random.key(0), 4, 2)
-      >>> (M > 0).sum(axis=0)  # every task in exactly one group
-      Array([1, 1, 1, 1], dtype=int32)
-
-    References:
-      Liu et al. 2021, Sec. 3 (the reference code's ``cagrad_fast{n}``).
-    """
-    T = checks.positive_int("cagrad_fast_groups", "num_tasks", num_tasks)
-    n = checks.positive_int("cagrad_fast_groups", "n", n)
-    if n > T:
-        raise checks.fail("cagrad_fast_groups", f"n must be at most num_tasks={T}; got n={n}.")
-    order = jax.random.permutation(key, T)
-    group_of_position = jnp.minimum(jnp.arange(T), n - 1)  # positions >= n-1 share the last group
-    group = jnp.zeros((T,), jnp.int32).at[order].set(group_of_position)
-    sizes = np.array([1.0] * (n - 1) + [T - n + 1.0], np.float32)
-    onehot = jax.nn.one_hot(group, n, dtype=jnp.float32).T  # (n, T)
-    return onehot / sizes[:, None]
-
-
-def cagrad_fast_weights(num_tasks: int, n: int) -> np.ndarray:
-    """The ``g0_weights`` that CAGrad-Fast's grouping implies: ``(1/T, ..., 1/T, (T-n+1)/T)``.
-
-    With ``M = cagrad_fast_groups(key, T, n)``, ``sum_i b_i grad(M @ losses)_i`` is the gradient
-    of the mean loss, so ``cagrad(g0_weights=b)`` keeps the true ``g0``.
-
-    Examples:
-      >>> import mtlopt
-      >>> mtlopt.cagrad_fast_weights(5, 3)
-      array([0.2, 0.2, 0.6], dtype=float32)
-    """
-    T = checks.positive_int("cagrad_fast_weights", "num_tasks", num_tasks)
-    n = checks.positive_int("cagrad_fast_weights", "n", n)
-    if n > T:
-        raise checks.fail("cagrad_fast_weights", f"n must be at most num_tasks={T}; got n={n}.")
-    return np.array([1.0] * (n - 1) + [T - n + 1.0], np.float32) / T
