@@ -329,14 +329,15 @@ def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
 # other jobs; four runs, two with glibc's malloc defaults, two with freed memory kept):
 #   XLA dot 0.98-1.30; elementwise chain w[0] J[0] + w[1] J[1] + ... 0.89-1.27 (a tie); the
 #   native kernel (native.combine_call: 32 columns in registers, rows prefetched, chunks over
-#   XLA's pool, a finiteness check in the same read) 1.41-1.84, and 2.46 on one thread, against
+#   XLA's pool, a finiteness check in the same read) 1.41-3.03, and 2.46 on one thread, against
 #   0.95 for the same loop in a C++ harness (not understood yet: so not used); numpy w @ J
 #   0.65-1.39 (OpenBLAS, 2 threads; 8 ms in runs where the other core was busy); torch w @ J
 #   1.42-1.55; TorchJD Mean 1.51-1.76.
 #   The guard (is the update finite? else zeros): all_finite's reduction over the output then
 #   lax.cond 1.24-1.38 (freed memory kept) and 1.81-3.67 (glibc: the cond copies the output
 #   into a second fresh buffer, page faults), all_finite then fill_unless (in place, no copy)
-#   1.31 / 2.75; the kernel's check then fill_unless 1.49-1.83 / 1.60-1.97.
+#   1.31-1.79 / 1.78-2.75 (XLA copies the dot's output first: all_finite reads it too); the
+#   kernel's check then fill_unless 1.49-3.00 / 1.11-2.36.
 # Dropped: the dot on column halves or quarters (12-76 ms: XLA:CPU copies the slices), a sum of
 # w[:, None] * J over axis 0 (2.4-5.1 ms), the elementwise chain with all_finite (XLA computes
 # the chain twice, once for the output, once inside the reduction: 1.75-3.79).

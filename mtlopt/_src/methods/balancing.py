@@ -124,7 +124,14 @@ def db_mtl(
         ``<= 0``).
       task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`); they
         follow the gradient of their own task's log loss, with no EMA and no balancing.
-      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`). A step
+        skipped for bad inputs (a NaN, inf or negative loss, a non-finite gradient) leaves the
+        EMA as it was; the EMA is written once, before the weighting, so a step whose update
+        alone turns out non-finite (a float16 update beyond float16's range) still keeps it.
+      ema_dtype: the EMA's dtype: None (default) keeps float32/float64 params' dtype and uses
+        float32 for float16/bfloat16 params (log-gradients of small losses overflow float16);
+        or an explicit dtype. Writes saturate at the dtype's largest finite value, never inf.
+      groups: per-group gradient-magnitude balancing (see :func:`mtlopt.cagrad`).
 
     Cost:
       Reads the task grads once and the EMA (T x P, in the params' dtype) twice: the EMA update

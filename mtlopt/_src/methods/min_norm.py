@@ -100,6 +100,7 @@ def mgda(
         ``tol`` and ``max_iters`` are then unused.)
       task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
       nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+      groups: per-group Gramians (see :func:`mtlopt.cagrad`).
 
     Cost:
       Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
@@ -215,6 +216,13 @@ def cagrad(
         the update is zeros with ``"skip"`` (default), or NaN with ``"propagate"``, so
         that ``optax.apply_if_finite`` further down the chain skips the optimizer too.
         Every method takes this argument.
+      groups: solve the method per group of leaves (e.g. per layer, as GradVac and TorchJD's
+        grouping do) instead of once for the whole model: ``"leaf"`` (every shared leaf its
+        own group), a pytree of hashable group ids shaped like the params, or a callable that
+        maps a params-shaped tree of ``jax.ShapeDtypeStruct`` to one. Pass 1 then gives a
+        ``(K, T, T)`` block Gramian, the K problems are solved in one batched call, each leaf
+        is combined with its group's weights, and ``task_weights`` returns ``(K, T)``. Every
+        Gramian method takes this argument.
 
     Cost:
       Two passes over the task grads (Gramian, combination); an accelerated projected-gradient

@@ -66,10 +66,12 @@ def pcgrad(
 
     Args:
       seed: an int or a PRNG key; the key lives in the state and is split every step (each
-        task i draws its own order). Works under ``jax.vmap`` over keys.
+        task i draws its own order); a skipped step keeps it. Works under ``jax.vmap`` over
+        keys.
       num_tasks: optional; given, the state keeps the last weights (``task_weights``).
       task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
       nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+      groups: per-group Gramians (see :func:`mtlopt.cagrad`); each group draws its own orders.
 
     Cost:
       Two passes over the task grads (Gramian, combination): the projections are tracked as

@@ -40,11 +40,14 @@ def mean(
 
     Args:
       num_tasks: optional; given, the state keeps the weights (``task_weights``).
-      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`); each
+        gets its task's weight ``1/T``, as the gradient of the mean loss does.
       nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
 
     Cost:
-      One pass over the task grads (``w @ J`` per leaf); no Gramian, no solver.
+      One pass over the task grads (``w @ J`` per leaf); no Gramian, no solver. A loss
+      weighting: :func:`mtlopt.loss_weights` gives its weights without task grads (one
+      backward pass of ``sum_t w_t l_t`` instead of T).
 
     Examples:
       >>> import jax.numpy as jnp, mtlopt
@@ -82,11 +85,16 @@ def linear(
     Args:
       weights: ``(T,)`` fixed weights, one per task (any real numbers).
       num_tasks: optional; must equal ``len(weights)`` if given.
-      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`); each
+        gets its task's weight, as the gradient of ``sum_t w_t l_t`` does.
       nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
 
     Cost:
-      One pass over the task grads; no Gramian, no solver.
+      One pass over the task grads; no Gramian, no solver. A loss weighting: see
+      :func:`mtlopt.loss_weights` for one backward pass instead of T.
+
+    ``weights`` may be an array, traced too (``jax.vmap`` over preference vectors,
+    ``optax.inject_hyperparams``): its values are checked when they are concrete.
 
     Examples:
       >>> import jax.numpy as jnp, mtlopt
