@@ -319,10 +319,14 @@ def test_log_transform_divides_by_losses():
     losses = np.array([0.5, 2.0, 4.0], np.float32)
     tx = mtlopt.log_transform(eps=1e-8)
     out, _ = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.asarray(losses))
-    np.testing.assert_allclose(out, J / (losses[:, None] + 1e-8), rtol=1e-6)
-    # Out of the log's domain: clamped, finite.
-    out, _ = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.array([-1.0, 0.0, 1.0]))
-    assert np.all(np.isfinite(out))
+    assert isinstance(out, mtlopt.TaskScaled)  # lazy: the aggregator after it folds the scales
+    np.testing.assert_allclose(out.materialize(), J / (losses[:, None] + 1e-8), rtol=1e-6)
+    # A loss of 0: the scale 1 / eps. Below 0 (out of the log's domain): a bad step, marked.
+    out, s = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.array([2.0, 0.0, 1.0]))
+    np.testing.assert_allclose(out.scales, [0.5, 1e8, 1.0], rtol=1e-6)
+    out, s = tx.update(jnp.asarray(J), tx.init(None), task_losses=jnp.array([-1.0, 0.0, 1.0]))
+    assert not bool(out.ok) and int(s.skipped) == 1
+    np.testing.assert_array_equal(out.materialize(), 0.0)
 
 
 def test_log_transform_chains_in_front_of_any_method():
@@ -512,25 +516,54 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
 
 
 def test_cpu_gramian_loop_is_measured_or_pinned(monkeypatch):
-    # The CPU loop for T <= _OUTER_MAX_T is measured once per process and T (a bool, the same
-    # each time it is asked), can be pinned by an environment variable (checked), and is never
-    # the outer-product loop past _OUTER_MAX_T.
+    # The default is the dot loop, chosen without any timing (two processes compile the same
+    # program; eval_shape and lowering pay nothing); MTLOPT_CPU_GRAMIAN_LOOP=outer pins the
+    # outer-product loop, =measure times both (once per process and T); the variable is read and
+    # checked on every trace; past _OUTER_MAX_T the dot loop always runs.
     from mtlopt._src import tree as tr
 
-    assert tr._outer_loop_wins(5) in (True, False)
-    assert tr._outer_loop_wins(5) == tr._outer_loop_wins(5)
+    def no_probe(T):
+        raise AssertionError("the default must not time anything")
+
+    monkeypatch.delenv(tr.GRAMIAN_LOOP_ENV, raising=False)
+    monkeypatch.setattr(tr, "_probe_outer_wins", no_probe)
+    x = jnp.zeros((6, tr._SMALL_LEAF + 1))
+
+    def lowered():  # a new function each time: jit would reuse an earlier trace of the same one
+        return jax.jit(lambda g: tr._cpu_gramian([g], None, use_native=False)).lower(x).as_text()
+
+    dot_hlo = lowered()
+    assert tr._outer_loop_wins(6) is False and tr._outer_loop_wins(2) is False
+    monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "outer")  # read again on the next trace
+    outer_hlo = lowered()
+    assert outer_hlo != dot_hlo and tr._outer_loop_wins(6) is True
     assert tr._outer_loop_wins(tr._OUTER_MAX_T + 1) is False
-    tr._outer_loop_wins.cache_clear()
-    try:
-        for pinned, expected in (("outer", True), ("dot", False)):
-            monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, pinned)
-            assert tr._outer_loop_wins(6) is expected
-            tr._outer_loop_wins.cache_clear()
-        monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "fast")
-        with pytest.raises(ValueError, match=f"mtlopt.gramian: {tr.GRAMIAN_LOOP_ENV}"):
-            mtlopt.gramian(jnp.ones((6, 3)))
-    finally:
-        tr._outer_loop_wins.cache_clear()
+    monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "dot")
+    assert lowered() == dot_hlo
+    monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "measure")
+    monkeypatch.setattr(tr, "_probe_outer_wins", lambda T: True)
+    assert tr._outer_loop_wins(6) is True
+    assert tr._outer_loop_wins(tr._OUTER_MAX_T + 1) is False
+    monkeypatch.setenv(tr.GRAMIAN_LOOP_ENV, "fast")
+    with pytest.raises(ValueError, match=f"mtlopt.gramian: {tr.GRAMIAN_LOOP_ENV}"):
+        mtlopt.gramian(jnp.ones((6, 3)))
+    # Two fresh processes, the default environment: the same compiled program.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from mtlopt._src import tree as tr;"
+        "x = jnp.zeros((6, tr._SMALL_LEAF + 1), jnp.bfloat16);"
+        "print(jax.jit(lambda g: tr._cpu_gramian([g], None)).lower(x).as_text())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != tr.GRAMIAN_LOOP_ENV}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and "while" in runs[0].stdout
 
 
 def test_task_weights_searches_nested_states():

@@ -168,6 +168,8 @@ def db_mtl(
     eps = checks.nonnegative(name, "eps", eps)
 
     def init_extra(T, shared):
+        if shared is None:
+            raise checks.fail(name, "init needs the params: the EMA state is shaped like them.")
         return {"ema_grads": tree.task_zeros(shared, T, ema_dtype)}
 
     def prepare(shared, ctx: build.Context):

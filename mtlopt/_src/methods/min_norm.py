@@ -94,8 +94,10 @@ def mgda(
       num_tasks: optional; given, the state keeps the weights, the warm start and the solver's
         report (``solver.num_steps``, ``solver.gap``, ``solver.converged``).
       eps: a norm or loss below ``eps`` counts as ``eps`` in ``n_t`` (no division by zero).
-      tol: the solver stops when its Frank-Wolfe gap, an upper bound on the excess squared
-        norm, is at most ``tol * trace(G) / T``.
+      tol: relative: the solver stops when its duality gap, an upper bound on the excess
+        squared norm ``|d_w|^2 - |d*|^2``, is at most ``tol * |d_w|^2`` (or at the rounding of
+        ``|d_w|^2`` in the Gramian's dtype); ``d`` is then within ``sqrt(tol) |d|`` of the
+        min-norm point (1e-3 at the default), whatever the gradients' scales.
       max_iters: the solver's iteration cap. (Two tasks take a closed form: no loop, exact;
         ``tol`` and ``max_iters`` are then unused.)
       task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`).
@@ -103,12 +105,13 @@ def mgda(
       groups: per-group Gramians (see :func:`mtlopt.cagrad`).
 
     Cost:
-      Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
-      solve on the ``(T, T)`` Gramian, warm-started; O(T) state with ``num_tasks``.
+      Two passes over the task grads (Gramian, combination); an active-set (Newton) solve on
+      the ``(T, T)`` Gramian with a FISTA fallback, warm-started; O(T) state with ``num_tasks``.
 
     Deviations:
-      Sener & Koltun solve with Frank-Wolfe; we use accelerated projected gradient with a
-      duality-gap stop (same problem, judged by objective value in the tests). LibMTL's
+      Sener & Koltun solve with Frank-Wolfe; we use an active-set (Newton) method with a
+      FISTA fallback and a relative duality-gap stop (same problem, judged by the update in
+      the tests). LibMTL's
       ``"loss+"`` multiplies the loss by the norm as here.
 
     Examples:
@@ -203,8 +206,10 @@ def cagrad(
       num_tasks: optional; given, the state keeps the weights, the dual w* (warm start of the
         next solve) and the solver's report (``solver.num_steps``, ``gap``, ``converged``).
       g0_weights: ``(T,)`` weights that make ``g0`` from the given gradients; default ``1/T``.
-      tol: the solver stops when its Frank-Wolfe gap (an upper bound on ``F(w) - F*``) is at
-        most ``tol * trace(G) / T``.
+      tol: relative: the solver stops when its duality gap (an upper bound on ``F(w) - F*``)
+        is at most ``tol * c ||g0|| ||g_w|| / 2`` (or at the rounding of F in the Gramian's
+        dtype); ``d`` is then within ``sqrt(tol) * c ||g0||`` of the exact update (1e-3 of
+        the ball's radius at the default), whatever the gradients' scales.
       max_iters: the solver's iteration cap. (Two tasks take a closed form: no loop, exact;
         ``tol`` and ``max_iters`` are then unused.)
       task_specific: which leaves are task-specific (per-task heads): a pytree of bools shaped
@@ -225,8 +230,9 @@ def cagrad(
         Gramian method takes this argument.
 
     Cost:
-      Two passes over the task grads (Gramian, combination); an accelerated projected-gradient
-      solve on the ``(T, T)`` Gramian (warm-started with ``num_tasks``); O(T) state.
+      Two passes over the task grads (Gramian, combination); an active-set (Newton) solve on
+      the ``(T, T)`` Gramian with a FISTA fallback (warm-started with ``num_tasks``); O(T)
+      state.
 
     Deviations:
       ``rescale`` comes from the authors' code, not the paper (whose update is ``rescale=0``).
