@@ -339,6 +339,25 @@ def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, d
     return value
 
 
+def _inputs(method: Method, T: int, task_grads, task_losses, task_mask, extra: dict, dtype):
+    """The checked losses, mask (as given, and filled), signals, and whether they are finite
+    (over the active tasks)."""
+    name = method.name
+    losses = checks.task_vector(
+        name, "task_losses", task_losses, T, required=method.needs_losses, dtype=dtype
+    )
+    given_mask = checks.task_mask(name, task_mask, T)
+    mask = jnp.ones((T,), bool) if given_mask is None else given_mask
+    signals = {
+        s.name: _check_signal(name, s, extra.get(s.name), T, task_grads, dtype)
+        for s in method.signals
+    }
+    ok = _finite_signals(signals, mask)
+    if losses is not None:
+        ok &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
+    return losses, given_mask, mask, signals, ok
+
+
 def _finite_signals(signals: dict, mask: jax.Array) -> jax.Array:
     ok = jnp.asarray(True)
     for v in signals.values():
@@ -427,22 +446,12 @@ def aggregator(
             cdt = tree.acc_dtype(*(x.dtype for x in leaves))
             shared = [x for x, h in zip(leaves, layout.heads, strict=True) if not h]
             heads = [x for x, h in zip(leaves, layout.heads, strict=True) if h]
-        losses = checks.task_vector(
-            name, "task_losses", task_losses, T, required=method.needs_losses, dtype=cdt
+        losses, given_mask, mask, signals, ok_in = _inputs(
+            method, T, task_grads, task_losses, task_mask, extra, cdt
         )
-        given_mask = checks.task_mask(name, task_mask, T)
-        mask = jnp.ones((T,), bool) if given_mask is None else given_mask
-        signals = {
-            s.name: _check_signal(name, s, extra.get(s.name), T, task_grads, cdt)
-            for s in method.signals
-        }
         if given_mask is not None:  # rows of absent tasks may hold NaN: keep them out of sums
             shared = tree.select_tasks(mask, shared)
             heads = tree.select_tasks(mask, heads)
-
-        ok_in = _finite_signals(signals, mask)
-        if losses is not None:
-            ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
         if in_scales is not None:
             in_scales = lax.stop_gradient(in_scales.astype(cdt))
             ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, in_scales, 0.0)))
@@ -671,18 +680,9 @@ def task_transform(
         grads, in_scales = tree.unwrap(task_grads)
         T = checks.num_tasks(name, grads, expected=num_tasks)
         cdt = tree.acc_dtype(*(x.dtype for x in jax.tree.leaves(grads)))
-        losses = checks.task_vector(
-            name, "task_losses", task_losses, T, required=method.needs_losses, dtype=cdt
+        losses, _, mask, signals, ok = _inputs(
+            method, T, grads, task_losses, task_mask, extra, cdt
         )
-        given_mask = checks.task_mask(name, task_mask, T)
-        mask = jnp.ones((T,), bool) if given_mask is None else given_mask
-        signals = {
-            s.name: _check_signal(name, s, extra.get(s.name), T, grads, cdt)
-            for s in method.signals
-        }
-        ok = _finite_signals(signals, mask)
-        if losses is not None:
-            ok &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
         ctx = Context(T, None, jnp.ones((), cdt), losses, mask, state, signals=signals, ok=ok,
                       dtype=cdt)
         s = jnp.where(mask, lax.stop_gradient(method.scales(ctx).astype(cdt)), 1.0)
