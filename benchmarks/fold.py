@@ -71,7 +71,7 @@ def main() -> None:
             jax.block_until_ready(out)
         runs[name] = [fn, state, []]
     for _ in range(args.rounds):
-        for name, run in runs.items():
+        for run in runs.values():
             fn, state, times = run
             start = time.perf_counter()
             out, state = fn(J, state)
@@ -79,8 +79,10 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             run[1] = state
     base = {k: statistics.median(runs[k][2]) for k in ("cagrad", "mean")}
-    print(f"T={T} P={P} float32, median of {args.rounds} round-robin calls, jax {jax.__version__}"
-          f", native kernel: {mtlopt.native_kernel_available()}")
+    print(
+        f"T={T} P={P} float32, median of {args.rounds} round-robin calls, jax {jax.__version__}"
+        f", native kernel: {mtlopt.native_kernel_available()}"
+    )
     for name, (_, _, times) in runs.items():
         ref = "mean" if "mean" in name else "cagrad"
         med = statistics.median(times)

@@ -172,8 +172,12 @@ def test_log_transform_checks_masks_and_bad_losses():
     update = jax.jit(tx.update)
     state = tx.init(_params(g))
     # A masked task's NaN loss is ignored.
-    u, s = update(g, state, task_losses=jnp.array([1.0, jnp.nan, 2.0]),
-                  task_mask=jnp.array([True, False, True]))
+    u, s = update(
+        g,
+        state,
+        task_losses=jnp.array([1.0, jnp.nan, 2.0]),
+        task_mask=jnp.array([True, False, True]),
+    )
     ref = (g["a"][0] / 1.0 + g["a"][2] / 2.0) / 2
     np.testing.assert_allclose(u["a"], ref, rtol=1e-6)
     assert int(s[0].skipped) == 0 and int(s[1].skipped) == 0
@@ -239,8 +243,9 @@ def _dwa_numpy(steps, T, temp=2.0):
     sums, counts, means, out = np.zeros(T), np.zeros(T), [], []
     for losses, mask, new in steps:
         if new and counts.sum() > 0:
-            means.append(np.where(counts > 0, sums / np.maximum(counts, 1), means[-1] if means
-                                  else 0))
+            means.append(
+                np.where(counts > 0, sums / np.maximum(counts, 1), means[-1] if means else 0)
+            )
             sums, counts = np.zeros(T), np.zeros(T)
         sums += np.where(mask, losses, 0)
         counts += mask
@@ -276,8 +281,11 @@ def test_dwa_matches_the_paper_over_epochs_with_masks():
 
 def test_signals_are_checked_at_trace_time():
     tx = mtlopt.dwa(num_tasks=2)
-    with pytest.raises(ValueError, match=r"mtlopt\.dwa: this method needs the extra argument "
-                                          r"new_epoch"):
+    with pytest.raises(
+        ValueError,
+        match=r"mtlopt\.dwa: this method needs the extra argument "
+        r"new_epoch",
+    ):
         mtlopt.loss_weights(tx, jnp.ones(2), tx.init(None))
     with pytest.raises(ValueError, match=r"mtlopt\.dwa: new_epoch must be a bool scalar"):
         mtlopt.loss_weights(tx, jnp.ones(2), tx.init(None), new_epoch=jnp.ones(2, bool))
@@ -406,9 +414,9 @@ def test_inject_hyperparams_and_weights_are_constants(make, hyper):
     p = _params(g)
     extra = {"task_losses": jnp.array([1.0, 2.0, 0.5])}
     plain = make(**hyper)
-    ref, ref_state = jax.jit(plain.update)(g, plain.init(p), p, **extra)
+    ref, _ = jax.jit(plain.update)(g, plain.init(p), p, **extra)
     injected = optax.inject_hyperparams(make, static_args=("num_tasks",))(**hyper)
-    u, s = jax.jit(injected.update)(g, injected.init(p), p, **extra)
+    u, _ = jax.jit(injected.update)(g, injected.init(p), p, **extra)
     chex.assert_trees_all_close(u, ref, rtol=1e-5, atol=1e-6)
     factor = 1.0
     if "beta" in hyper:  # DB-MTL combines its EMA: (1 - beta) g_t / (l_t + eps) at step 1
@@ -431,8 +439,9 @@ def test_schedules_and_vmap_over_hyperparameters():
     for i, c in enumerate([0.0, 0.3, 0.9]):
         tx = mtlopt.cagrad(c=c)
         one = jax.jit(tx.update)(g, tx.init(p))[0]
-        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], swept), one, rtol=1e-5,
-                                    atol=1e-6)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x, i=i: x[i], swept), one, rtol=1e-5, atol=1e-6
+        )
     # A schedule on c, and linear's weights traced (a vmap over preference vectors).
     sched = optax.inject_hyperparams(mtlopt.cagrad)(c=optax.linear_schedule(0.0, 0.8, 4))
     state = sched.init(p)
@@ -452,13 +461,20 @@ def test_schedules_and_vmap_over_hyperparameters():
 
 def test_zero_size_leaves_and_empty_gramian():
     g = {"w": jnp.asarray(_rng(10).normal(size=(3, 6)), jnp.float32), "empty": jnp.zeros((3, 0, 4))}
-    for tx in (mtlopt.cagrad(), mtlopt.mgda(), mtlopt.pcgrad(), mtlopt.mean(), mtlopt.db_mtl(3),
-               mtlopt.trimmed_mean(1)):
+    for tx in (
+        mtlopt.cagrad(),
+        mtlopt.mgda(),
+        mtlopt.pcgrad(),
+        mtlopt.mean(),
+        mtlopt.db_mtl(3),
+        mtlopt.trimmed_mean(1),
+    ):
         u, s = jax.jit(tx.update)(g, tx.init(_params(g)), task_losses=jnp.ones(3))
         assert u["empty"].shape == (0, 4) and np.all(np.isfinite(u["w"]))
         assert int(s.skipped) == 0
-    np.testing.assert_allclose(mtlopt.gramian(g), np.asarray(g["w"]) @ np.asarray(g["w"]).T,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        mtlopt.gramian(g), np.asarray(g["w"]) @ np.asarray(g["w"]).T, rtol=1e-5
+    )
     with pytest.raises(ValueError, match=r"mtlopt\.gramian: task_grads has no array leaves"):
         mtlopt.gramian({})
 
@@ -500,8 +516,11 @@ def test_float64_leaves_are_reduced_in_float64():
         g = {"w": jnp.asarray(J, jnp.float64)}
         assert mtlopt.gramian(g).dtype == jnp.float64
         np.testing.assert_allclose(mtlopt.gramian(g), J @ J.T, rtol=1e-13)
-        for tx in (mtlopt.mean(num_tasks=3), mtlopt.mgda("l2", num_tasks=3),
-                   mtlopt.cagrad(num_tasks=3)):
+        for tx in (
+            mtlopt.mean(num_tasks=3),
+            mtlopt.mgda("l2", num_tasks=3),
+            mtlopt.cagrad(num_tasks=3),
+        ):
             state = tx.init({"w": jnp.zeros(40, jnp.float64)})
             u, s = jax.jit(tx.update)(g, state)
             assert u["w"].dtype == jnp.float64 and s.weights.dtype == jnp.float64

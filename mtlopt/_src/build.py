@@ -221,21 +221,26 @@ def _layout(name: str, task_specific: Any, groups: Any, tree_: Any, task_axis: b
     structs = _structs(tree_, task_axis)
     heads = [False] * len(leaves)
     if task_specific is not None:
-        heads = [bool(f) for f in _flags(name, "task_specific", task_specific, structs, treedef,
-                                         "bools")]
+        heads = [
+            bool(f) for f in _flags(name, "task_specific", task_specific, structs, treedef, "bools")
+        ]
     n_shared = heads.count(False)
     if groups is None:
         return _Layout(treedef, heads, [0] * n_shared, None)
     if isinstance(groups, str):
         if groups != "leaf":
-            raise checks.fail(name, f"groups must be 'leaf', a pytree or a callable; got {groups!r}.")
+            raise checks.fail(
+                name, f"groups must be 'leaf', a pytree or a callable; got {groups!r}."
+            )
         ids = list(range(n_shared))
     else:
         all_ids = _flags(name, "groups", groups, structs, treedef, "group ids")
         ids = [g for g, h in zip(all_ids, heads, strict=True) if not h]
         for g in ids:
             if not isinstance(g, Hashable) or g is None:
-                raise checks.fail(name, f"groups: every shared leaf needs a hashable id; got {g!r}.")
+                raise checks.fail(
+                    name, f"groups: every shared leaf needs a hashable id; got {g!r}."
+                )
     order: dict = {}
     group = [order.setdefault(g, len(order)) for g in ids]
     if not order:
@@ -317,24 +322,28 @@ def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, d
     if sig.kind == "flag":
         if jnp.shape(value) != () or jnp.result_type(value) != jnp.bool_:
             raise checks.fail(
-                name, f"{sig.name} must be a bool scalar; got shape {jnp.shape(value)}, dtype "
-                f"{jnp.result_type(value)}."
+                name,
+                f"{sig.name} must be a bool scalar; got shape {jnp.shape(value)}, dtype "
+                f"{jnp.result_type(value)}.",
             )
         return jnp.asarray(value)
     if sig.kind == "task_vector":
         return checks.task_vector(name, sig.name, value, T, required=True, dtype=dtype)
     if sig.kind == "gramian":
         if jnp.shape(value) != (T, T):
-            raise checks.fail(name, f"{sig.name} must have shape ({T}, {T}); got {jnp.shape(value)}.")
+            raise checks.fail(
+                name, f"{sig.name} must have shape ({T}, {T}); got {jnp.shape(value)}."
+            )
         return jnp.asarray(value).astype(dtype)
     want = jax.tree.structure(task_grads)
     got = jax.tree.structure(value)
     shapes = [jnp.shape(x) for x in jax.tree.leaves(task_grads)]
     if got != want or [jnp.shape(x) for x in jax.tree.leaves(value)] != shapes:
         raise checks.fail(
-            name, f"{sig.name} must have the structure and shapes of the task grads; got "
+            name,
+            f"{sig.name} must have the structure and shapes of the task grads; got "
             f"{got} with shapes {[jnp.shape(x) for x in jax.tree.leaves(value)]}, expected "
-            f"{want} with shapes {shapes}."
+            f"{want} with shapes {shapes}.",
         )
     return value
 
@@ -462,8 +471,17 @@ def aggregator(
         if method.random:
             new_key, key = jax.random.split(rng.wrap(state.key))
         ctx = Context(
-            T, None, jnp.ones((), cdt), losses, mask, state, key=key, signals=signals,
-            scales=in_scales, ok=ok_in, dtype=cdt,
+            T,
+            None,
+            jnp.ones((), cdt),
+            losses,
+            mask,
+            state,
+            key=key,
+            signals=signals,
+            scales=in_scales,
+            ok=ok_in,
+            dtype=cdt,
         )
 
         extras: dict = {}
@@ -485,8 +503,9 @@ def aggregator(
         shapes = [(x.shape[1:], d) for x, d in zip(shared, out_dtypes, strict=True)]
         shared = [tree.as_matrix(x) for x in shared]
         K = layout.K
-        by_group = [[m for m, g in zip(shared, layout.group, strict=True) if g == k]
-                    for k in range(K or 1)]
+        by_group = [
+            [m for m, g in zip(shared, layout.group, strict=True) if g == k] for k in range(K or 1)
+        ]
 
         if method.gram is not None:
             if handed is not None and K is None:
@@ -588,7 +607,7 @@ def _loss_only_tasks(method: Method, num_tasks: int | None, task_losses: Any) ->
             f"{None if task_losses is None else jnp.shape(task_losses)}.",
         )
     T = jnp.shape(task_losses)[0]
-    if num_tasks is not None and T != num_tasks:
+    if num_tasks is not None and num_tasks != T:
         raise checks.fail(method.name, f"built with num_tasks={num_tasks} but task_losses has {T}.")
     return T
 
@@ -621,8 +640,10 @@ def _weigh(method: Method, ctx: Context, K: int | None):
     if K is None:
         return solve(ctx)
     per = {f: getattr(ctx.state, f) for f in method.per_group}
-    keys = None if ctx.key is None else jax.vmap(lambda k: jax.random.fold_in(ctx.key, k))(
-        jnp.arange(K)
+    keys = (
+        None
+        if ctx.key is None
+        else jax.vmap(lambda k: jax.random.fold_in(ctx.key, k))(jnp.arange(K))
     )
 
     def one(gram, part, key, k):
@@ -631,8 +652,9 @@ def _weigh(method: Method, ctx: Context, K: int | None):
         stray = set(more) - set(method.per_group)
         if stray:
             raise checks.fail(
-                method.name, f"under groups= it updated state fields {sorted(stray)} that are "
-                "not per-group (Method.per_group)."
+                method.name,
+                f"under groups= it updated state fields {sorted(stray)} that are "
+                "not per-group (Method.per_group).",
             )
         return w, more
 
@@ -645,8 +667,9 @@ def _finish(method: Method, state: Any, new_state: Any, ok: jax.Array) -> Any:
     """The state after the step: the old one on a bad step (but for the fields ``prepare``
     guards itself), with the step counted in ``skipped``; dtypes kept."""
     kept = {f: getattr(new_state, f) for f in method.guarded}
-    new_state = _stable(new_state._replace(**dict.fromkeys(kept)), state._replace(
-        **dict.fromkeys(kept)))
+    new_state = _stable(
+        new_state._replace(**dict.fromkeys(kept)), state._replace(**dict.fromkeys(kept))
+    )
     new_state = tree.where_tree(ok, new_state, state._replace(**dict.fromkeys(kept)))
     new_state = new_state._replace(**kept)
     return new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
@@ -680,11 +703,10 @@ def task_transform(
         grads, in_scales = tree.unwrap(task_grads)
         T = checks.num_tasks(name, grads, expected=num_tasks)
         cdt = tree.acc_dtype(*(x.dtype for x in jax.tree.leaves(grads)))
-        losses, _, mask, signals, ok = _inputs(
-            method, T, grads, task_losses, task_mask, extra, cdt
+        losses, _, mask, signals, ok = _inputs(method, T, grads, task_losses, task_mask, extra, cdt)
+        ctx = Context(
+            T, None, jnp.ones((), cdt), losses, mask, state, signals=signals, ok=ok, dtype=cdt
         )
-        ctx = Context(T, None, jnp.ones((), cdt), losses, mask, state, signals=signals, ok=ok,
-                      dtype=cdt)
         s = jnp.where(mask, lax.stop_gradient(method.scales(ctx).astype(cdt)), 1.0)
         if in_scales is not None:
             s = s * jnp.where(mask, in_scales.astype(cdt), 1.0)

@@ -123,8 +123,8 @@ def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax
 
 
 # The measurement behind MTLOPT_CPU_GRAMIAN_LOOP=measure: a (T, _PROBE_COLUMNS) float32 array,
-# the fastest of _PROBE_CALLS calls of each loop. The outer-product loop must win by _PROBE_MARGIN, so that
-# machines where the two are close always take the dot loop instead of a choice that timing
+# the fastest of _PROBE_CALLS calls of each loop. The outer-product loop must win by
+# _PROBE_MARGIN, so that machines where the two are close always take the dot loop instead of a choice that timing
 # noise could flip from one process to the next (machine B: 2-3x at T = 10, 1.1x at T = 16).
 _PROBE_COLUMNS = 1 << 18
 _PROBE_CALLS = 5
@@ -637,7 +637,7 @@ def task_zeros(params: Any, T: int, dtype: Any = None) -> Any:
 
     def leaf(x):
         want = dtype if dtype is not None else state_dtype(jnp.result_type(x))
-        if isinstance(x, jax.core.Tracer) or isinstance(x, jax.ShapeDtypeStruct):
+        if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
             if isinstance(x, jax.ShapeDtypeStruct):
                 return jnp.zeros((T, *x.shape), want)
             # x * 0 keeps the dependence on x (so its sharding propagates); NaN/inf entries -> 0.

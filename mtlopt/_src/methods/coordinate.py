@@ -91,22 +91,22 @@ def trimmed_mean(
         trim_number = int(trim_number)
         if num_tasks is not None and checks.concrete(num_tasks) and 2 * trim_number >= num_tasks:
             raise checks.fail(
-                name, f"needs num_tasks > 2 * trim_number; got num_tasks={num_tasks}, "
-                f"trim_number={trim_number}."
+                name,
+                f"needs num_tasks > 2 * trim_number; got num_tasks={num_tasks}, "
+                f"trim_number={trim_number}.",
             )
 
     def coordinate(ctx: build.Context, m: jax.Array, index: int) -> jax.Array:
         del index
         if isinstance(trim_number, int) and 2 * trim_number >= ctx.T:
             raise checks.fail(
-                name, f"needs more than 2 * trim_number = {2 * trim_number} tasks; the task "
-                f"grads have {ctx.T}."
+                name,
+                f"needs more than 2 * trim_number = {2 * trim_number} tasks; the task "
+                f"grads have {ctx.T}.",
             )
         return trimmed_mean_rows(m.astype(ctx.dtype), ctx.mask, trim_number)
 
-    method = build.Method(
-        name, TrimmedMeanState, None, gram=None, coordinate=coordinate
-    )
+    method = build.Method(name, TrimmedMeanState, None, gram=None, coordinate=coordinate)
     return build.aggregator(
         method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
     )

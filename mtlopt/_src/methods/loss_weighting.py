@@ -86,8 +86,9 @@ def dwa(
     name = "dwa"
     if num_tasks is None:
         raise checks.fail(
-            name, "num_tasks is required (the state keeps per-task epoch losses); e.g. "
-            "mtlopt.dwa(num_tasks=3)."
+            name,
+            "num_tasks is required (the state keeps per-task epoch losses); e.g. "
+            "mtlopt.dwa(num_tasks=3).",
         )
     temperature = checks.positive(name, "temperature", temperature)
 

@@ -256,7 +256,9 @@ def cagrad(
     name = "cagrad"
     c = checks.nonnegative(name, "c", c)
     if checks.concrete(rescale):
-        checks.choice(name, "rescale", int(rescale) if np.ndim(rescale) == 0 else rescale, (0, 1, 2))
+        checks.choice(
+            name, "rescale", int(rescale) if np.ndim(rescale) == 0 else rescale, (0, 1, 2)
+        )
     _check_solver_args(name, tol, max_iters)
     b_given = None
     if g0_weights is not None:
@@ -267,7 +269,8 @@ def cagrad(
             if not np.all(np.isfinite(b)) or np.any(b < 0):
                 raise checks.fail(
                     name,
-                    f"g0_weights must be a 1-D sequence of finite weights >= 0; got {g0_weights!r}.",
+                    "g0_weights must be a 1-D sequence of finite weights >= 0; got "
+                    f"{g0_weights!r}.",
                 )
             g0_weights = np.asarray(g0_weights, np.float32)
         size = jnp.shape(g0_weights)[0]
