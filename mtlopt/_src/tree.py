@@ -124,8 +124,9 @@ def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax
 
 # The measurement behind MTLOPT_CPU_GRAMIAN_LOOP=measure: a (T, _PROBE_COLUMNS) float32 array,
 # the fastest of _PROBE_CALLS calls of each loop. The outer-product loop must win by
-# _PROBE_MARGIN, so that machines where the two are close always take the dot loop instead of a choice that timing
-# noise could flip from one process to the next (machine B: 2-3x at T = 10, 1.1x at T = 16).
+# _PROBE_MARGIN, so that machines where the two are close always take the dot loop instead of
+# a choice that timing noise could flip from one process to the next (machine B: 2-3x at
+# T = 10, 1.1x at T = 16).
 _PROBE_COLUMNS = 1 << 18
 _PROBE_CALLS = 5
 _PROBE_MARGIN = 1.3
