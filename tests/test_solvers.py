@@ -4,7 +4,10 @@
 ``min_w w^T G b + c ||g0|| sqrt(w^T G w)``, ``b = 1/T``, ``||g0||^2 = b^T G b``) over the simplex,
 on trace-normalised Gramians ``G = J J^T`` (trace = T, so ``trace(G) / T = 1`` and the errors
 below are in units of ``trace(G) / T``). The issue's requirement: ``F(w) - F* <= rtol`` with
-``rtol = 1e-6`` in float64 and ``1e-4`` in float32.
+``rtol = 1e-6`` in float64 and ``1e-4`` in float32. The solvers' ``tol`` is relative to F's own
+scale (``F(w)`` for MGDA, ``rho |g_w| / 2`` for CAGrad), with a floor at F's rounding; these
+scales are at most a few units of ``trace(G) / T``, so the default ``tol = 1e-6`` meets the
+requirement here. The update itself is judged in ``test_accuracy.py``.
 
 References (scipy; jaxopt as a cross-check), all float64, each with a certificate:
 
@@ -254,7 +257,7 @@ def check_accuracy(method, dtype, T, seeds, kinds=KINDS, span=SPAN):
                     steps.append(int(info.num_steps))
                     if err > rtol:
                         failures.append(f"{kind} {T=} {seed=} {c=}: F - F* <= {err:.2e} {info}")
-                    if info.converged and dtype == "float64":  # the gap bounds F - F*
+                    if info.converged and dtype == "float64":  # gap <= tol * F's scale
                         assert err <= TOL + 1e-3 * rtol, f"{kind} {T=} {seed=} {c=}: {err=:.2e}"
     assert not failures, "\n".join(failures)
     return worst, steps

@@ -167,10 +167,13 @@ def mgda(
     )
 
 
-# Below this squared norm of g_w* (relative to trace(G) / T) the direction of g_w* is float32
-# noise: the Gramian's entries carry relative errors near 1e-7, so ||g_w||^2 does too, and
-# ||g_w|| is only meaningful above ~1e-3 of the typical task-gradient norm.
-_STATIONARY = 1e-6
+# Below this many ulps of (sum_t w_t ||g_t||)^2, ||g_w*||^2 (computed from the Gramian) is
+# rounding: each entry G_st is known to about eps ||g_s|| ||g_t||, so w^T G w is known to about
+# eps (sum_t w_t ||g_t||)^2, and ||g_w*|| (whose inverse scales the update's second term) to a
+# relative 1 / (2 * _STATIONARY) at the threshold. Relative to the weighted norms, not to
+# trace(G) / T: on badly scaled tasks CAGrad's optimum sits near the smallest gradient, where
+# ||g_w*||^2 is far below trace(G) / T yet well determined.
+_STATIONARY = 64.0
 
 
 def cagrad(
@@ -236,9 +239,10 @@ def cagrad(
 
     Deviations:
       ``rescale`` comes from the authors' code, not the paper (whose update is ``rescale=0``).
-      When ``||g_w*||^2 <= 1e-6 * trace(G) / T`` (0 is nearly in the hull: Pareto-stationary)
-      the direction of ``g_w*`` is float32 noise, and we return the (rescaled) ``g0`` instead
-      of NaN: a convention, not the primal optimum. The authors' code solves the dual with
+      When ``||g_w*||^2 <= 64 eps (sum_t w*_t ||g_t||)^2`` (``eps`` the precision's: 0 is in
+      the hull up to rounding, a Pareto-stationary point) the direction of ``g_w*`` is
+      rounding noise, and we return the (rescaled) ``g0`` instead of NaN: a convention, not
+      the primal optimum. The authors' code solves the dual with
       scipy's SLSQP on the host; LibMTL calls ``c`` ``calpha``.
 
     Examples:
@@ -301,7 +305,8 @@ def cagrad(
             Gn, b, rho, _warm_start(ctx), mask, tol=tol, max_iters=max_iters
         )
         gw2 = solvers.quad(Gn, w)
-        far = gw2 > _STATIONARY
+        size = jnp.dot(w, jnp.sqrt(jnp.maximum(jnp.diagonal(Gn), 0.0)))
+        far = gw2 > _STATIONARY * jnp.finfo(dtype).eps * size * size
         coef = jnp.where(far, rho / jnp.sqrt(jnp.where(far, gw2, 1.0)), 0.0)
         return (b + coef * w) / divisor, _solver_extras(ctx, w, info)
 
