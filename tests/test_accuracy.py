@@ -77,9 +77,7 @@ FLOOR = 8.0
 
 
 def problem(kind: str, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``(J, losses)``: task gradients ``(T, sum(P))`` and positive losses, float64."""
+    """``(J, losses)``: task gradients ``(T, sum(P))`` and positive losses, float64."""
     rng = np.random.default_rng([seed, T, sum(map(ord, kind))])
     n = sum(P)
     if kind == "random":
