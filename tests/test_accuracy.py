@@ -117,9 +117,7 @@ def _faces(T):
 
 
 def _affine_min_norm(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""The min-norm point of the affine hull of A's rows, its weights x (sum 1), and the
+    """The min-norm point of the affine hull of A's rows, its weights x (sum 1), and the
     orthogonal projector's basis N: ``v = A^T x``. Least squares on A, not on A A^T."""
     k = len(A)
     if k == 1:
@@ -132,9 +130,7 @@ def _affine_min_norm(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ref_mgda(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``(w*, d*)``: the min-norm point of the hull of A's rows."""
+    """``(w*, d*)``: the min-norm point of the hull of A's rows."""
     T = len(A)
     best = None
     for S in _faces(T):
@@ -154,9 +150,7 @@ def ref_mgda(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ref_cagrad(J: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``(d*, w*, |g_w*|, certified)``: CAGrad's exact update (``rescale=0``; ``g0`` where
+    """``(d*, w*, |g_w*|, certified)``: CAGrad's exact update (``rescale=0``; ``g0`` where
     ``g_w* = 0``), a dual solution, the norm of ``g_w*``, and whether weak duality certifies it
     to 1e-12 (not where the optimum sits on the boundary of two faces to within rounding)."""
     T = len(J)
@@ -204,9 +198,7 @@ def mgda_norms(J, losses, normalization, eps=1e-8):
 
 
 def cagrad_floor_scale(J, c, w, nv):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``s_sqrt`` for CAGrad (see :func:`reference`): the Gramian's rounding moves F by at most
+    """``s_sqrt`` for CAGrad (see :func:`reference`): the Gramian's rounding moves F by at most
     ``eps (s_w s_b + rho s_w^2 / (2 |v|))`` (``s_w = sum_t w_t |g_t|``, ``s_b`` the mean norm),
     and ``|d - d*|^2 <= 2 rho (F(w) - F*) / |v|``."""
     norms = np.linalg.norm(J, axis=1)
@@ -222,9 +214,7 @@ def cagrad_floor_scale(J, c, w, nv):
 def reference(
     method: str, kind: str, T: int, seed: int, option, convention: bool = True, dtype="float32"
 ):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``(d*, s_sqrt, s_abs)``, or None where the case sits on the library's convention (or
+    """``(d*, s_sqrt, s_abs)``, or None where the case sits on the library's convention (or
     the reference is not certified).
 
     ``FLOOR * sqrt(eps) * s_sqrt`` bounds the move of ``d*`` under a rounding of each Gramian
@@ -232,9 +222,7 @@ def reference(
     ``s_abs = sum_t |g_t|``, is the rounding of the weights themselves (it is all there is
     where ``d* = 0``: a zero task, for MGDA). ``convention``: CAGrad's update is
     ``g0`` where ``|g_w*|^2`` is at rounding level (see ``STATIONARY``), as the library does.
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""
+    """
     J, losses = problem(kind, T, seed)
     if method == "mgda":
         A = J / mgda_norms(J, losses, option)[:, None]
@@ -283,9 +271,7 @@ def _batched(method, T, tol):
 
 
 def run(method, T, dtype, kinds=KINDS, seeds=SEEDS):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""The updates ``(cases, options, P)``, duals ``(cases, options, T)`` and solver steps of the
+    """The updates ``(cases, options, P)``, duals ``(cases, options, T)`` and solver steps of the
     library on every (kind, seed), float64 numpy, with the cases."""
     cases = [(k, s) for k in kinds for s in seeds]
     J = np.stack([problem(k, T, s)[0] for k, s in cases])
@@ -298,9 +284,7 @@ def run(method, T, dtype, kinds=KINDS, seeds=SEEDS):
 
 
 def errors(method, T, dtype, d, cases, convention=True):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""``[(case, option, |d - d*| / |d*|, |d - d*| / floor, passed)]``."""
+    """``[(case, option, |d - d*| / |d*|, |d - d*| / floor, passed)]``."""
     out = []
     options = NORMALIZATIONS if method == "mgda" else CS
     eps = EPS[dtype]
@@ -334,9 +318,7 @@ def report(rows):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("method", ["mgda", "cagrad"])
 def test_update_matches_the_exact_update(method, dtype):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""Every kind, every normalisation (MGDA) or c (CAGrad), T = 5: the loop."""
+    """Every kind, every normalisation (MGDA) or c (CAGrad), T = 5: the loop."""
     cases, d, _, _ = run(method, T, dtype)
     rows = errors(method, T, dtype, d, cases)
     assert len(rows) >= 0.8 * len(cases) * (4 if method == "mgda" else len(CS))
@@ -345,9 +327,7 @@ def test_update_matches_the_exact_update(method, dtype):
 
 @pytest.mark.parametrize("method", ["mgda", "cagrad"])
 def test_two_tasks_update_matches_the_exact_update(method):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""T = 2: the closed forms."""
+    """T = 2: the closed forms."""
     cases, d, _, _ = run(method, 2, "float32")
     rows = errors(method, 2, "float32", d, cases)
     assert all(r[4] for r in rows), report(rows)
@@ -382,9 +362,7 @@ def test_cagrad_dual_is_exact_on_scaled_problems(dtype):
 @pytest.mark.parametrize("method", ["mgda", "cagrad"])
 @pytest.mark.parametrize("num_tasks", [3, 6])
 def test_update_matches_the_exact_update_more(method, dtype, num_tasks):
-    """The dual solution itself, judged on the update it implies, ``g0 + rho g_w / |g_w|``
-    (float64 here), on the badly scaled and zero-task cases, where ``|g_w*|^2`` is far below
-    ``trace(G) / T`` (CAGrad's optimum sits near the smallest gradient)."""More seeds, and T = 3 and 6."""
+    """More seeds, and T = 3 and 6."""
     cases, d, _, _ = run(method, num_tasks, dtype, seeds=range(3, 11))
     rows = errors(method, num_tasks, dtype, d, cases)
     assert all(r[4] for r in rows), report(rows)
