@@ -695,8 +695,8 @@ def task_transform(
 
     def init_fn(params):
         extras = method.init_extra(num_tasks, params)
-        zero = jnp.zeros((), jnp.int32)
-        return method.state_cls(count=zero, skipped=zero, **extras)
+        zero = lambda: jnp.zeros((), jnp.int32)  # two buffers: a donated state may not share one
+        return method.state_cls(count=zero(), skipped=zero(), **extras)
 
     def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
         del params
