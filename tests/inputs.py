@@ -29,6 +29,18 @@ def from_matrix(J, dtype=jnp.float32):
     return jax.tree.unflatten(treedef, out)
 
 
+def host_tree(J, dtype=np.float32):
+    """``from_matrix`` on the host: numpy leaves (no eager JAX op, so nothing compiles)."""
+    J = np.asarray(J)
+    leaves, treedef = jax.tree.flatten(SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    out, start = [], 0
+    for shape in leaves:
+        n = int(np.prod(shape))
+        out.append(J[:, start : start + n].reshape((J.shape[0], *shape)).astype(dtype))
+        start += n
+    return jax.tree.unflatten(treedef, out)
+
+
 def to_matrix(tree):
     """Flattens an update (params-shaped) or task grads (leading T) pytree to a vector/matrix."""
     leaves = jax.tree.leaves(tree)

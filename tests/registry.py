@@ -1,10 +1,15 @@
 """One row per method: how to build it and what it claims. Every shared test runs every row.
 
-A new method adds a row here and inherits the whole contract and property suite.
+A new method adds a row here and inherits the whole contract and property suite. The claims
+below are explicit: a row opts in or out of a property by its fields, and the tests never ask
+for a row by name. The per-row checks run from a few compiled programs per row (see
+``tests/batch.py``); tests parametrized with :func:`params` keep a row's tests on one
+pytest-xdist worker (``--dist loadgroup``), which compiles those programs once.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -19,23 +24,48 @@ import mtlopt
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    make: Callable[..., object]  # make(T, **common) -> transformation
-    needs_losses: bool = False
-    needs_num_tasks: bool = False  # the constructor raises without num_tasks
-    order_free: bool = True  # permuting the tasks leaves the update unchanged
-    stateful_weights: bool = True  # task_weights(state) is an array when built with num_tasks
-    kind: str = "aggregator"  # or "task_transform"
+    # make(T, **common) -> transformation. ``common`` may hold task_specific=, nonfinite= and
+    # num_tasks= (num_tasks=None builds the method without it; T is then only the size of
+    # anything else T fixes, such as linear's weights).
+    make: Callable[..., object]
+    method: str = ""  # the public name in error messages (``mtlopt.<method>: ...``); "" = name
+    kind: str = "aggregator"  # or "task_transform" (returns task grads, leading T kept)
     variant: bool = False  # a second setting of a method above: skipped by the heaviest tests
+    needs_losses: bool = False  # reads task_losses (and a NaN loss skips the step)
+    needs_num_tasks: bool = False  # the constructor raises without num_tasks
+    order_free: bool = True  # permuting the tasks permutes the weights, keeps the update
+    stateful_weights: bool = True  # task_weights(state) is a (T,) array when built with num_tasks
+    weights_without_num_tasks: bool = False  # ... and also when built without it
+    skips_nonfinite: bool = True  # state has count/skipped; a NaN/inf step is skipped
     # Scale of the update for T = 1 relative to the gradient (None: only the direction).
     t1_scale: Callable[[float], float] | None = lambda loss: 1.0
+    # Scale of the update when all T tasks have the same gradient g, as a function of
+    # (T, loss), losses all equal (None: only the direction is checked).
+    identical_scale: Callable[[int, float], float] | None = None
+    # The fixed (T,) weights, for a method whose update is always sum_t w_t g_t (masked: w_t = 0).
+    fixed_weights: Callable[[int], np.ndarray] | None = None
+    cancels_opposite: bool = True  # two exactly opposite tasks give a zero update
+    zero_task_stationary: bool = False  # one zero task gradient gives a zero update (0 in hull)
+    non_conflicting: bool = False  # <g_t, d> >= ||d||^2 for every task (MGDA's min-norm point)
+    # All grads times a tiny s (1e-30, 1e-20): the direction of s = 1 (no eps or floor in the
+    # method's normalization). Huge s (1e20, 1e30) is checked for every row.
+    scale_invariant_direction: bool = True
+    # The weights depend on the task grads only through their Gramian (and the losses):
+    # rotated task grads give the same weights, and mtlopt.weights_from_gramian applies.
+    gramian_only: bool = True
+    # With the weights held fixed (stop_gradient), the update is linear in the task grads from
+    # the initial state: d/ds sum(update(s * J)) at s = 1 equals sum(update(J)).
+    grad_linear: bool = True
+    task_state: tuple[str, ...] = ()  # state fields with a leading T axis (masked rows kept)
+    seeded: bool = False  # takes seed= and keeps a PRNG key in the state
+    # The skeleton feature this row stands for in the skeleton-only tests (training,
+    # checkpoints, donation, apply_if_finite, memory, sharding, large leaves); "" = none. Those
+    # tests run every other aggregator with -m slow.
+    representative: str = ""
 
-    @property
-    def method(self) -> str:
-        """The public name that error messages carry (``mtlopt.<method>: ...``)."""
-        for public in ("db_mtl", "cagrad", "mgda", "pcgrad", "mean", "linear"):
-            if self.name.startswith(public):
-                return public
-        return self.name
+    def __post_init__(self):
+        if not self.method:
+            object.__setattr__(self, "method", self.name)
 
     def __repr__(self):
         return self.name
@@ -45,42 +75,91 @@ def _linear_weights(T):
     return np.linspace(1.0, 2.0, T).astype(np.float32)
 
 
+def _nt(T, kwargs):
+    """Keyword arguments with num_tasks=T unless the caller gave num_tasks (None included)."""
+    return {"num_tasks": T, **kwargs}
+
+
 ROWS = [
-    Row("mean", lambda T, **k: mtlopt.mean(num_tasks=T, **k)),
+    Row(
+        "mean",
+        lambda T, **k: mtlopt.mean(**_nt(T, k)),
+        identical_scale=lambda T, loss: 1.0,
+        representative="no Gramian: weights from the mask only, output checked for finiteness",
+    ),
     Row(
         "linear",
         lambda T, **k: mtlopt.linear(_linear_weights(T), **k),
         order_free=False,
+        weights_without_num_tasks=True,
         t1_scale=None,
+        fixed_weights=_linear_weights,
+        cancels_opposite=False,
     ),
     Row(
         "cagrad",
-        lambda T, **k: mtlopt.cagrad(c=0.4, num_tasks=T, **k),
+        lambda T, **k: mtlopt.cagrad(c=0.4, **_nt(T, k)),
         t1_scale=lambda loss: 1.4 / 1.16,
+        identical_scale=lambda T, loss: 1.4 / 1.16,
+        representative="Gramian and solver (warm start in the state)",
     ),
     Row(
         "cagrad_rescale0",
-        lambda T, **k: mtlopt.cagrad(c=0.5, rescale=0, num_tasks=T, **k),
+        lambda T, **k: mtlopt.cagrad(c=0.5, rescale=0, **_nt(T, k)),
+        method="cagrad",
         t1_scale=lambda loss: 1.5,
+        identical_scale=lambda T, loss: 1.5,
         variant=True,
     ),
-    Row("cagrad_c0", lambda T, **k: mtlopt.cagrad(c=0.0, num_tasks=T, **k), variant=True),
-    Row("mgda", lambda T, **k: mtlopt.mgda(num_tasks=T, **k)),
-    Row("mgda_l2", lambda T, **k: mtlopt.mgda("l2", num_tasks=T, **k), t1_scale=None, variant=True),
+    Row(
+        "cagrad_c0",
+        lambda T, **k: mtlopt.cagrad(c=0.0, **_nt(T, k)),
+        method="cagrad",
+        identical_scale=lambda T, loss: 1.0,
+        variant=True,
+    ),
+    Row(
+        "mgda",
+        lambda T, **k: mtlopt.mgda(**_nt(T, k)),
+        identical_scale=lambda T, loss: 1.0,
+        zero_task_stationary=True,
+        non_conflicting=True,
+    ),
+    Row(
+        "mgda_l2",
+        lambda T, **k: mtlopt.mgda("l2", **_nt(T, k)),
+        method="mgda",
+        t1_scale=None,
+        scale_invariant_direction=False,  # eps added to the norms
+        variant=True,
+    ),
     Row(
         "mgda_loss+",
-        lambda T, **k: mtlopt.mgda("loss+", num_tasks=T, **k),
+        lambda T, **k: mtlopt.mgda("loss+", **_nt(T, k)),
+        method="mgda",
         needs_losses=True,
         t1_scale=None,
+        scale_invariant_direction=False,  # eps added to loss times norm
         variant=True,
     ),
-    Row("pcgrad", lambda T, **k: mtlopt.pcgrad(seed=0, num_tasks=T, **k), order_free=False),
+    Row(
+        "pcgrad",
+        lambda T, **k: mtlopt.pcgrad(**{"seed": 0, **_nt(T, k)}),
+        order_free=False,
+        identical_scale=lambda T, loss: float(T),
+        seeded=True,
+        representative="PRNG key in the state",
+    ),
     Row(
         "db_mtl",
-        lambda T, **k: mtlopt.db_mtl(T, **k),
+        lambda T, **k: mtlopt.db_mtl(**_nt(T, k)),
         needs_losses=True,
         needs_num_tasks=True,
         t1_scale=lambda loss: 0.1 / (loss + 1e-8),
+        identical_scale=lambda T, loss: 0.1 * T / (loss + 1e-8),
+        gramian_only=False,
+        task_state=("ema_grads",),
+        representative="T x P state, prepare step (log losses and EMA) before pass 1",
     ),
 ]
 
@@ -89,10 +168,50 @@ ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
 # The heaviest tests (whole training runs) run every method once by default; the variants
 # (other settings of the same method) run with -m slow.
 HEAVY = [pytest.param(r, marks=pytest.mark.slow) if r.variant else r for r in AGGREGATORS]
+# One row per skeleton feature, for the skeleton-only tests.
+REPRESENTATIVES = [r for r in AGGREGATORS if r.representative]
+
+
+def params(rows, slow: Callable[[Row], bool] = lambda row: False):
+    """``pytest.param`` per row, grouped on one xdist worker per row (``--dist loadgroup``), so
+    that the worker compiles the row's programs once; rows where ``slow(row)`` run with -m slow.
+    """
+    out = []
+    for r in rows:
+        marks = [pytest.mark.xdist_group(r.name)]
+        if slow(r):
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(r, id=r.name, marks=marks))
+    return out
+
+
+def heavy(rows=None):
+    """Every aggregator, variants with -m slow (the old HEAVY), grouped by row."""
+    return params(AGGREGATORS if rows is None else rows, slow=lambda r: r.variant)
+
+
+def skeleton(rows=None):
+    """Every aggregator for a skeleton-only test: the representatives by default, the other
+    rows with -m slow."""
+    return params(AGGREGATORS if rows is None else rows, slow=lambda r: not r.representative)
+
+
+_TRACES: collections.Counter = collections.Counter()
 
 
 @functools.cache
 def cached(row: Row, T: int):
-    """``(tx, jax.jit(tx.update))`` built once per row and T, so tests share compilations."""
+    """``(tx, jax.jit(tx.update))`` built once per row and T, so tests share compilations.
+    Every trace of the jitted update is counted (:func:`traces`)."""
     tx = row.make(T)
-    return tx, jax.jit(tx.update)
+
+    def update(*args, **kwargs):
+        _TRACES[row.name, T] += 1
+        return tx.update(*args, **kwargs)
+
+    return tx, jax.jit(update)
+
+
+def traces(row: Row, T: int) -> int:
+    """How many times ``cached(row, T)``'s update was traced in this process."""
+    return _TRACES[row.name, T]

@@ -1,5 +1,9 @@
 """Whole training runs on real data (scikit-learn's bundled digits): float32 vs bfloat16,
-checkpoint round trips (orbax and pickle), determinism. Every method of the registry."""
+checkpoint round trips (orbax and pickle), determinism.
+
+Skeleton-only: by default on the representative rows (``Row.representative``: ``mean``,
+``cagrad``, ``db_mtl``, ``pcgrad``), every other aggregator with -m slow; the determinism and
+independent seeds of every row that takes a seed (``Row.seeded``)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import optax
 import pytest
 
 import mtlopt
-from tests.registry import HEAVY, ROWS
+from tests.registry import AGGREGATORS, params, skeleton
 
 T = 3  # digit class (10-way), digit value (regression), parity (binary)
 
@@ -27,6 +31,7 @@ def digits():
     return jnp.asarray(x[:512]), jnp.asarray(y[:512])
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program, not one per eager op
 def init_params(dtype):
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     glorot = jax.nn.initializers.glorot_normal()
@@ -74,14 +79,14 @@ def compiled_run(row, steps):
 
 def train(row, dtype, steps, params=None, opt_state=None):
     params = init_params(dtype) if params is None else params
-    opt_state = make_tx(row).init(params) if opt_state is None else opt_state
+    opt_state = jax.jit(make_tx(row).init)(params) if opt_state is None else opt_state
     # The model and optax are user code here: jax's default promotion rules.
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         (params, opt_state), losses = compiled_run(row, steps)(params, opt_state)
     return params, opt_state, np.asarray(losses)
 
 
-@pytest.mark.parametrize("row", HEAVY, ids=repr)
+@pytest.mark.parametrize("row", skeleton())
 def test_bfloat16_trains_like_float32(row):
     steps = 60
     _, _, l32 = train(row, jnp.float32, steps)
@@ -110,7 +115,7 @@ def _save_restore_pickle(state, tmp_path):
     return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in pickle.loads(blob)])
 
 
-@pytest.mark.parametrize("row", HEAVY, ids=repr)
+@pytest.mark.parametrize("row", skeleton())
 @pytest.mark.parametrize("how", ["orbax", "pickle"])
 def test_checkpoint_round_trip_is_bit_identical(row, how, tmp_path):
     params, opt_state, _ = train(row, jnp.float32, 5)
@@ -123,7 +128,7 @@ def test_checkpoint_round_trip_is_bit_identical(row, how, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.name == "pcgrad"], ids=repr)
+@pytest.mark.parametrize("row", params([r for r in AGGREGATORS if r.seeded]))
 def test_determinism_and_independent_seeds(row):
     _, _, a = train(row, jnp.float32, 5)
     _, _, b = train(row, jnp.float32, 5)
@@ -135,13 +140,14 @@ def test_determinism_and_independent_seeds(row):
     grads, params = {"w": jnp.asarray(J)}, {"w": jnp.zeros(6)}
 
     def one(key):
-        tx = mtlopt.pcgrad(seed=key)
+        tx = row.make(4, seed=key)
         return tx.update(grads, tx.init(params))[0]
 
     keys = jax.random.split(jax.random.key(3), 4)
-    out = jax.vmap(one)(keys)
+    out = jax.jit(jax.vmap(one))(keys)  # jitted: eager runs compile every op
     flat = np.asarray(jnp.concatenate([x.reshape(4, -1) for x in jax.tree.leaves(out)], 1))
+    single = jax.jit(one)
     for i in range(4):
-        ref = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(one(keys[i]))])
+        ref = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(single(keys[i]))])
         np.testing.assert_allclose(flat[i], ref, rtol=1e-5, atol=1e-7)
     assert len({tuple(np.round(f, 5)) for f in flat}) > 1  # different keys, different orders
