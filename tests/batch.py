@@ -162,6 +162,7 @@ def flat_rows(tree) -> np.ndarray:
 
 def extra(row: Row, losses, mask=None):
     out = {"task_losses": losses} if row.needs_losses else {}
+    out.update(dict(row.signals))
     if mask is not None:
         out["task_mask"] = mask
     return out

@@ -58,6 +58,8 @@ class Row:
     grad_linear: bool = True
     task_state: tuple[str, ...] = ()  # state fields with a leading T axis (masked rows kept)
     seeded: bool = False  # takes seed= and keeps a PRNG key in the state
+    # Extra arguments (declared signals) passed to every update, as (name, value) pairs.
+    signals: tuple = ()
     # The skeleton feature this row stands for in the skeleton-only tests (training,
     # checkpoints, donation, apply_if_finite, memory, sharding, large leaves); "" = none. Those
     # tests run every other aggregator with -m slow.
@@ -160,6 +162,29 @@ ROWS = [
         gramian_only=False,
         task_state=("ema_grads",),
         representative="T x P state, prepare step (log losses and EMA) before pass 1",
+    ),
+]
+
+ROWS += [
+    Row(
+        "trimmed_mean",
+        # Trim one from each end where three tasks or more take part (T = 1, 2: none).
+        lambda T, **k: mtlopt.trimmed_mean(1 if T >= 3 else 0, **_nt(T, k)),
+        stateful_weights=False,  # per coordinate: no (T,) weights
+        gramian_only=False,
+        identical_scale=lambda T, loss: 1.0,
+        representative="per-coordinate pass 2 (no weights, inputs checked for finiteness)",
+    ),
+    Row(
+        "dwa",
+        lambda T, **k: mtlopt.dwa(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        gramian_only=False,
+        identical_scale=lambda T, loss: float(T),  # the weights add up to T
+        # Every step closes an epoch, so the weights move from the third step on.
+        signals=(("new_epoch", True),),
+        representative="loss weighting: a declared extra signal, weights from the losses",
     ),
 ]
 

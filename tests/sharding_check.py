@@ -52,6 +52,7 @@ def main() -> int:
     for row in rows:
         tx = row.make(T)
         extra = {"task_losses": losses} if row.needs_losses else {}
+        extra.update(dict(row.signals))
         ref, _ = jax.jit(tx.update)(grads, tx.init(params), **extra)
         out, _ = jax.jit(tx.update)(sharded, tx.init(sharded_params), sharded_params, **extra)
         ok = True

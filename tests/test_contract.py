@@ -135,7 +135,7 @@ def test_shape_errors_name_the_method(row):
         with pytest.raises(
             ValueError, match=named + r"built with num_tasks=3 but task_grads has 4"
         ):
-            shape(wrong_t, **({"task_losses": np.ones(4, f32)} if row.needs_losses else {}))
+            shape(wrong_t, **batch.extra(row, np.ones(4, f32)))
 
 
 @pytest.mark.parametrize("row", params([r for r in ROWS if r.needs_losses]))
@@ -446,7 +446,7 @@ def test_no_extra_copy_of_the_task_grads_in_a_step(row):
 
     tx = row.make(T)
     state = tx.init(params)
-    extra = lambda ls: {"task_losses": ls + 1.0} if row.needs_losses else {}
+    extra = lambda ls: batch.extra(row, ls + 1.0)
 
     def grads_only(p):
         return mtlopt.task_value_and_grad(losses)(p)

@@ -89,7 +89,7 @@ def test_rank_deficient_many_tasks(row):
 def test_256_tasks(row):
     rng = np.random.default_rng(4)
     tx = row.make(256)
-    kw = {"task_losses": jnp.ones(256)} if row.needs_losses else {}
+    kw = batch.extra(row, jnp.ones(256))
     J = jnp.asarray(rng.normal(size=(256, 40)), jnp.float32)
     update = jax.jit(lambda g, s: tx.update(g, s, **kw))
     u, _ = update({"p": J}, tx.init({"p": jnp.zeros(40)}))
@@ -195,7 +195,7 @@ def test_a_nan_in_a_large_leaf_skips_the_step(row):
     J = np.random.default_rng(0).standard_normal((T, P)).astype(np.float32)
     tx = row.make(T)
     state = tx.init(jnp.zeros(P))
-    kw = {"task_losses": jnp.ones(T)} if row.needs_losses else {}
+    kw = batch.extra(row, jnp.ones(T))
     update = jax.jit(lambda g, s: tx.update(g, s, **kw))
     for pos in (0, 5, P - 1):
         Jb = J.copy()

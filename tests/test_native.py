@@ -121,6 +121,7 @@ def _run_method(row, J, monkeypatch, enabled: str):
     tx = row.make(T)
     state = tx.init(jnp.zeros(J.shape[1:]))
     kw = {"task_losses": jnp.linspace(1.0, 2.0, T)} if row.needs_losses else {}
+    kw.update(dict(row.signals))
     update = jax.jit(lambda g, s: tx.update(g, s, **kw))
     outs = []
     for _ in range(2):  # a second step, from the first's state (warm starts, EMAs)

@@ -125,6 +125,20 @@ def test_groups_solve_each_group_alone_in_one_batched_call(make):
     assert jaxpr.count("while[") <= 1
 
 
+def test_groups_prescale_each_group_on_its_own():
+    """A layer of tiny gradients (its float32 Gramian underflows) beside a layer of normal ones:
+    each group is pre-scaled by its own power of two, so the tiny layer keeps its own weights."""
+    J = _rng(12).normal(size=(3, 20)).astype(np.float32)
+    J[1] = -0.6 * J[0] + 0.4 * J[1]
+    tiny = {"a": jnp.asarray(J[:, :7]) * 1e-25, "b": jnp.asarray(J[:, 7:])}
+    tx = mtlopt.mgda(num_tasks=3, groups="leaf")
+    u, s = jax.jit(tx.update)(tiny, tx.init(_params(tiny)))
+    alone = mtlopt.mgda(num_tasks=3)
+    ua, sa = jax.jit(alone.update)({"a": tiny["a"]}, alone.init({"a": tiny["a"][0]}))
+    np.testing.assert_allclose(mtlopt.task_weights(s)[0], mtlopt.task_weights(sa), rtol=1e-4)
+    np.testing.assert_allclose(u["a"], ua["a"], rtol=1e-4, atol=1e-35)
+
+
 def test_groups_errors():
     g = _tree(np.ones((2, 9), np.float32))
     from mtlopt._src import build

@@ -71,7 +71,9 @@ def compiled_run(row, steps):
     def step(carry, _):
         params, opt_state = carry
         losses, grads = mtlopt.task_value_and_grad(task_losses)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+        updates, opt_state = tx.update(
+            grads, opt_state, params, task_losses=losses, **dict(row.signals)
+        )
         return (optax.apply_updates(params, updates), opt_state), losses
 
     return jax.jit(lambda p, s: jax.lax.scan(step, (p, s), length=steps))

@@ -258,13 +258,16 @@ def _merge(layout: _Layout, shared: list, heads: list):
 
 
 def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[jax.Array, Any]:
-    """Pass 1 per group, stacked ``(K, T, T)`` or ``(K, T)``, and its scale ``s``: the true one
-    is ``gram * s**2``.
+    """Pass 1 per group, stacked ``(K, T, T)`` or ``(K, T)``, and each group's scale ``s``
+    ``(K,)``: the true one is ``gram[k] * s[k]**2``.
 
-    The fast path (``s = 1``) is taken unless the result over- or underflows; then the grads are
-    divided by a power of two near their largest entry first (one more pass).
+    The fast path (``s = 1``) is taken unless a group's result over- or underflows; then that
+    group's grads are divided by a power of two near their largest entry first (one more pass
+    over the groups that need it: a layer of tiny gradients beside a layer of normal ones keeps
+    its own Gramian).
     """
     one = jnp.ones((), dtype)
+    K = len(groups)
     shape = (T, T) if kind == "full" else (T,)
 
     def fn(mats, inv=None):
@@ -274,22 +277,31 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
         return out.astype(dtype)
 
     gram = jnp.stack([fn(m) for m in groups])
-    flat = [m for ms in groups for m in ms if m.shape[1] > 0]
-    if not flat:
-        return gram, one
+    ones = jnp.ones((K,), dtype)
+    if not any(m.shape[1] > 0 for ms in groups for m in ms):
+        return gram, ones
     diag = jnp.diagonal(gram, axis1=-2, axis2=-1) if kind == "full" else gram
-    top = jnp.max(diag)
+    top = jnp.max(diag, axis=-1)  # (K,)
+    fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
 
     def rescaled(_):
-        # A power of two, so the scaling is exact; a NaN or inf input stays non-finite.
-        big = tree.max_abs(flat).astype(dtype)
-        scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big > 0, big, 1.0))))
-        ok = jnp.isfinite(scale)
-        inv = jnp.where(ok, 1.0 / jnp.where(ok, scale, 1.0), jnp.nan)
-        return jnp.stack([fn(m, inv) for m in groups]), jnp.where(ok, scale, one)
+        grams, scales = [], []
+        for k, mats in enumerate(groups):
+            flat = [m for m in mats if m.shape[1] > 0]
+            if not flat:
+                grams.append(gram[k])
+                scales.append(one)
+                continue
+            # A power of two, so the scaling is exact; a NaN or inf input stays non-finite.
+            big = tree.max_abs(flat).astype(dtype)
+            scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big > 0, big, 1.0))))
+            ok = jnp.isfinite(scale)
+            inv = jnp.where(ok, 1.0 / jnp.where(ok, scale, 1.0), jnp.nan)
+            grams.append(jnp.where(fast[k], gram[k], fn(mats, inv)))
+            scales.append(jnp.where(fast[k], one, jnp.where(ok, scale, one)))
+        return jnp.stack(grams), jnp.stack(scales)
 
-    fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
-    return lax.cond(fast, lambda _: (gram, one), rescaled, None)
+    return lax.cond(jnp.all(fast), lambda _: (gram, ones), rescaled, None)
 
 
 def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
@@ -513,8 +525,10 @@ def aggregator(
             else:
                 gram, gscale = _pass_one(method.gram, by_group, T, cdt)
             if in_scales is not None:
-                gram, gscale = _fold(gram, gscale, in_scales, method.gram)
-            gram = gram if K is not None else gram[0]
+                fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)  # noqa: B023
+                gram, gscale = jax.vmap(fold)(gram, gscale)
+            if K is None:
+                gram, gscale = gram[0], gscale[0]
             ctx = ctx._replace(gram=gram, gram_scale=gscale)
         # The weights are constants of the update: nothing upstream of them is differentiated
         # (a solver loop could not be reverse-differentiated anyway).
@@ -531,7 +545,7 @@ def aggregator(
             w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(cdt))
             ok &= jnp.all(jnp.isfinite(w))
         if ctx.gram is not None:
-            ok &= jnp.all(jnp.isfinite(ctx.gram)) & jnp.isfinite(ctx.gram_scale)
+            ok &= jnp.all(jnp.isfinite(ctx.gram)) & jnp.all(jnp.isfinite(ctx.gram_scale))
 
         any_task = jnp.any(mask)
         new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
@@ -619,7 +633,7 @@ def _handed(kind: str, handed: jax.Array, by_group, T: int, dtype):
     fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
     return lax.cond(
         fast,
-        lambda: (handed[None], jnp.ones((), dtype)),
+        lambda: (handed[None], jnp.ones((1,), dtype)),
         lambda: _pass_one(kind, by_group, T, dtype),
     )
 
@@ -646,8 +660,10 @@ def _weigh(method: Method, ctx: Context, K: int | None):
         else jax.vmap(lambda k: jax.random.fold_in(ctx.key, k))(jnp.arange(K))
     )
 
-    def one(gram, part, key, k):
-        c = ctx._replace(gram=gram, state=ctx.state._replace(**part), key=key, group=k)
+    def one(gram, gram_scale, part, key, k):
+        c = ctx._replace(
+            gram=gram, gram_scale=gram_scale, state=ctx.state._replace(**part), key=key, group=k
+        )
         w, more = solve(c)
         stray = set(more) - set(method.per_group)
         if stray:
@@ -658,8 +674,8 @@ def _weigh(method: Method, ctx: Context, K: int | None):
             )
         return w, more
 
-    return jax.vmap(one, in_axes=(0, 0, None if keys is None else 0, 0))(
-        ctx.gram, per, keys, jnp.arange(K)
+    return jax.vmap(one, in_axes=(0, 0, 0, None if keys is None else 0, 0))(
+        ctx.gram, ctx.gram_scale, per, keys, jnp.arange(K)
     )
 
 
