@@ -525,7 +525,7 @@ def aggregator(
             else:
                 gram, gscale = _pass_one(method.gram, by_group, T, cdt)
             if in_scales is not None:
-                fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)  # noqa: B023
+                fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)
                 gram, gscale = jax.vmap(fold)(gram, gscale)
             if K is None:
                 gram, gscale = gram[0], gscale[0]
