@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtlopt._src import build, checks
@@ -86,7 +87,7 @@ def trimmed_mean(
     """
     name = "trimmed_mean"
     if checks.concrete(trim_number):
-        if jnp.ndim(trim_number) != 0 or int(trim_number) != trim_number or trim_number < 0:
+        if np.ndim(trim_number) != 0 or int(trim_number) != trim_number or trim_number < 0:
             raise checks.fail(name, f"trim_number must be an int >= 0; got {trim_number!r}.")
         trim_number = int(trim_number)
         if num_tasks is not None and checks.concrete(num_tasks) and 2 * trim_number >= num_tasks:

@@ -266,7 +266,7 @@ def cagrad(
     _check_solver_args(name, tol, max_iters)
     b_given = None
     if g0_weights is not None:
-        if jnp.ndim(g0_weights) != 1:
+        if np.ndim(g0_weights) != 1:
             raise checks.fail(name, f"g0_weights must be a 1-D sequence; got {g0_weights!r}.")
         if checks.concrete(g0_weights):
             b = np.asarray(g0_weights, np.float64)
@@ -277,7 +277,7 @@ def cagrad(
                     f"{g0_weights!r}.",
                 )
             g0_weights = np.asarray(g0_weights, np.float32)
-        size = jnp.shape(g0_weights)[0]
+        size = np.shape(g0_weights)[0]
         if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != size:
             raise checks.fail(name, f"num_tasks={num_tasks} but g0_weights has {size} entries.")
         num_tasks, b_given = size, g0_weights

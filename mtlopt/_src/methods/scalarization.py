@@ -105,11 +105,11 @@ def linear(
       {'w': Array([3., 2.], dtype=float32)}
     """
     name = "linear"
-    if jnp.ndim(weights) != 1 or jnp.shape(weights)[0] == 0:
+    if np.ndim(weights) != 1 or np.shape(weights)[0] == 0:
         raise checks.fail(
             name, f"weights must be a non-empty finite 1-D sequence; got {weights!r}."
         )
-    T = jnp.shape(weights)[0]
+    T = np.shape(weights)[0]
     if checks.concrete(weights):
         w = np.asarray(weights, np.float64)
         if not np.all(np.isfinite(w)):
