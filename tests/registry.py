@@ -60,6 +60,9 @@ class Row:
     seeded: bool = False  # takes seed= and keeps a PRNG key in the state
     # Extra arguments (declared signals) passed to every update, as (name, value) pairs.
     signals: tuple = ()
+    # One leaf and the same vectors split into several give the same update (not so for
+    # per-layer methods, groups="leaf": their weights differ from leaf to leaf by design).
+    split_invariant: bool = True
     # The skeleton feature this row stands for in the skeleton-only tests (training,
     # checkpoints, donation, apply_if_finite, memory, sharding, large leaves); "" = none. Those
     # tests run every other aggregator with -m slow.
@@ -185,6 +188,17 @@ ROWS += [
         # Every step closes an epoch, so the weights move from the third step on.
         signals=(("new_epoch", True),),
         representative="loss weighting: a declared extra signal, weights from the losses",
+    ),
+    Row(
+        "mgda_per_leaf",
+        lambda T, **k: mtlopt.mgda(groups="leaf", **_nt(T, k)),
+        method="mgda",
+        stateful_weights=False,  # (K, T) weights: one row per group
+        gramian_only=False,
+        identical_scale=lambda T, loss: 1.0,
+        zero_task_stationary=True,
+        split_invariant=False,
+        representative="groups=: a (K, T, T) block Gramian, K problems solved in one batch",
     ),
 ]
 

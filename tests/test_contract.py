@@ -176,7 +176,7 @@ def test_num_tasks(row):
 # ---------------------------------------------------------------- from the batched programs
 
 
-@pytest.mark.parametrize("row", ALL)
+@pytest.mark.parametrize("row", params([r for r in ROWS if r.split_invariant]))
 def test_plain_jit_matches_the_vmapped_batch(row):
     """The plain jitted update (one leaf, no mask, unbatched) equals the vmapped one (four
     leaves, all-True mask) on every scenario with all tasks present: split invariance, vmap
@@ -298,7 +298,12 @@ def test_no_gradient_through_the_weights(row):
         ds, total = res.main_ds[i], res.main_u[i].sum()
         assert np.isfinite(ds), s.name
         if row.grad_linear:
-            tol = 1e-4 * np.abs(res.main_u[i]).sum() + 1e-30
+            # Plus the rounding of the combination itself: where the update cancels to nearly
+            # 0 (a one-coordinate group with 0 in its hull), forward and backward round apart.
+            w = res.weights(s.name)
+            w = np.ones(T) if w is None else np.abs(np.reshape(w, (-1, T))).max(axis=0)
+            terms = float(w @ np.abs(np.asarray(s.J, np.float64)).sum(axis=1))
+            tol = 1e-4 * np.abs(res.main_u[i]).sum() + 64 * np.finfo(np.float32).eps * terms
             assert abs(ds - total) <= tol, (s.name, ds, total)
         checked += 1
     assert checked >= 10
@@ -332,8 +337,8 @@ def test_task_mask(row):
         if row.skips_nonfinite:
             assert int(res.state(name).skipped) == 0, name
         w = res.weights(name)
-        if w is not None:
-            assert w[int(name[-1])] == 0.0, name
+        if w is not None:  # (T,), or (K, T) with groups: the task's column
+            assert np.all(np.take(w, int(name[-1]), axis=-1) == 0.0), name
         if row.order_free and row.kind == "aggregator":
             close(u, t2[k], rtol=1e-4, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(res.u("all_masked"), 0.0)
