@@ -48,7 +48,6 @@ over- and underflow; the stop does not depend on it. Everything follows the Gram
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -183,7 +182,7 @@ def _spread(G: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dist2, dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
 
 
-def _two_tasks(a, free, w0, mask, evaluate):
+def _two_tasks(a, free, w0, mask, value_and_grad, rounding, size, lower_bound, tol):
     """The answer for T = 2 from ``a``, the weight of task 0 on the segment ``(a, 1 - a)``.
 
     Where ``free``, every point is optimal and the (projected) start is kept. One active task
@@ -195,7 +194,7 @@ def _two_tasks(a, free, w0, mask, evaluate):
     start = project(w0, mask)
     a = jnp.where(free | ~jnp.isfinite(a), start[0], jnp.clip(a, 0.0, 1.0))
     w = jnp.where(mask[0] & mask[1], jnp.stack([a, 1.0 - a]), mask.astype(w0.dtype))
-    e = evaluate(w)
+    e = _evaluate(w, value_and_grad, rounding, size, mask, lower_bound, tol)
     return w, SolverInfo(jnp.zeros((), jnp.int32), e.gap, e.gap <= e.bar)
 
 
@@ -487,16 +486,7 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
         dist2, free = _spread(G)
         a = (G[1, 1] - G[0, 1]) / jnp.where(free, 1.0, dist2)
         size = lambda w, f, g: f
-        evaluate = functools.partial(
-            _evaluate,
-            value_and_grad=value_and_grad,
-            rounding=rounding,
-            size=size,
-            mask=mask,
-            lower_bound=zero,
-            tol=tol,
-        )
-        return _two_tasks(a, free, w0, mask, evaluate)
+        return _two_tasks(a, free, w0, mask, value_and_grad, rounding, size, zero, tol)
 
     return minimize_on_simplex(
         value_and_grad,
@@ -641,16 +631,8 @@ def cagrad_dual(
         end = jnp.where(c1 > 0, 0.0, 1.0)
         a = jnp.where(bounded, (s - qb) / jnp.where(flat, 1.0, qa), end)
         free = (flat | (den <= 0)) & (c1 == 0)
-        evaluate = functools.partial(
-            _evaluate,
-            value_and_grad=value_and_grad,
-            rounding=rounding,
-            size=size,
-            mask=mask,
-            lower_bound=lower,
-            tol=tol,
-        )
-        return _two_tasks(a, free, jnp.asarray(w0).astype(dtype), mask, evaluate)
+        w0 = jnp.asarray(w0).astype(dtype)
+        return _two_tasks(a, free, w0, mask, value_and_grad, rounding, size, lower, tol)
 
     return minimize_on_simplex(
         value_and_grad,

@@ -301,11 +301,10 @@ def matrices_gramian(matrices: list[jax.Array], scale: jax.Array | None = None) 
 
 
 def fold(gram: jax.Array, scales: jax.Array) -> jax.Array:
-    """``S G S`` (``S = diag(scales)``) for a ``(..., T, T)`` Gramian; ``S^2 d`` for squared
-    norms ``(..., T)``: the Gramian of the task grads with row t scaled by ``scales[t]``."""
-    if gram.ndim >= 2 and gram.shape[-1] == gram.shape[-2] == scales.shape[0]:
-        return gram * scales[:, None] * scales[None, :]
-    return gram * scales * scales
+    """``S G S`` (``S = diag(scales)``) for a ``(T, T)`` Gramian: the Gramian of the task grads
+    with row t scaled by ``scales[t]``. (The skeleton folds in pre-scaled units instead:
+    ``build._fold``.)"""
+    return gram * scales[:, None] * scales[None, :]
 
 
 def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
@@ -348,7 +347,7 @@ _COMBINE_KERNEL = False  # the native combination kernel by default (see above: 
 
 def _combine_xla(w: jax.Array, m: jax.Array) -> jax.Array:
     """``w @ m`` for a ``(T, C)`` matrix: float32 accumulation (float64 for float64 leaves)."""
-    acc = jnp.float64 if m.dtype == jnp.float64 else jnp.float32
+    acc = acc_dtype(m.dtype)
     m = m if m.dtype == acc else m.astype(acc)
     return lax.dot_general(w.astype(acc), m, (((0,), (0,)), ((), ())), precision=HIGHEST)
 
@@ -444,10 +443,7 @@ def _combine_matrices(w, matrices, with_flag: bool, use_native: bool | None = No
 def _weights_for(weights: jax.Array, task_grads: Any) -> jax.Array:
     """The weights as an array: float64 when they or a leaf are (jax_enable_x64), else float32."""
     w = jnp.asarray(weights)
-    wide = w.dtype == jnp.float64 or any(
-        x.dtype == jnp.float64 for x in jax.tree.leaves(task_grads)
-    )
-    return w.astype(jnp.float64 if wide else jnp.float32)
+    return w.astype(acc_dtype(w.dtype, *(x.dtype for x in jax.tree.leaves(task_grads))))
 
 
 def combine(weights: jax.Array, task_grads: Any) -> Any:
