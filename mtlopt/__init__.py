@@ -63,3 +63,14 @@ __all__ = [
     "trimmed_mean",
     "weights_from_gramian",
 ]
+
+# --- exports: dual_cone ---
+# --- end exports: dual_cone ---
+# --- exports: bargaining ---
+# --- end exports: bargaining ---
+# --- exports: closed_form ---
+# --- end exports: closed_form ---
+# --- exports: surgery ---
+# --- end exports: surgery ---
+# --- exports: ntkmtl ---
+# --- end exports: ntkmtl ---

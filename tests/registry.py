@@ -202,6 +202,26 @@ ROWS += [
     ),
 ]
 
+# --- rows: dual_cone ---
+ROWS += []
+# --- end rows: dual_cone ---
+
+# --- rows: bargaining ---
+ROWS += []
+# --- end rows: bargaining ---
+
+# --- rows: closed_form ---
+ROWS += []
+# --- end rows: closed_form ---
+
+# --- rows: surgery ---
+ROWS += []
+# --- end rows: surgery ---
+
+# --- rows: ntkmtl ---
+ROWS += []
+# --- end rows: ntkmtl ---
+
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
 # The heaviest tests (whole training runs) run every method once by default; the variants

@@ -650,3 +650,11 @@ def cagrad_dual(
         newton_ridge=1.0,
         lower_bound=lower,
     )
+
+
+# --- solvers: dual_cone ---
+# --- end solvers: dual_cone ---
+
+
+# --- solvers: bargaining ---
+# --- end solvers: bargaining ---
