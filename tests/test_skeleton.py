@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import NamedTuple
 
 import chex
 import jax
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 import mtlopt
-from mtlopt._src import tree
+from mtlopt._src import build, solvers, tree
 
 
 def _rng(seed=0):
@@ -562,3 +563,89 @@ def test_task_zeros_fresh_buffers_and_dtype_policy():
     assert z["a"].shape == (4, 3)
     s = tree.saturate(jnp.array([1e6, -1e6, jnp.nan]), jnp.float16)
     assert np.isfinite(np.asarray(s[:2], np.float32)).all() and np.isnan(np.asarray(s[2]))
+
+
+class _ProbeState(NamedTuple):
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+    calls: jax.Array
+    raw: jax.Array
+
+
+def _probe(every, max_norm, groups=None, reuse=True):
+    """Weights 2/T from a weighting that counts its calls; ``raw`` keeps the unclipped ones."""
+
+    def weights_fn(ctx):
+        w = 2.0 * solvers.uniform(ctx.mask, ctx.dtype)
+        return w, {"calls": ctx.state.calls + 1, "raw": w}
+
+    method = build.Method(
+        "probe",
+        _ProbeState,
+        weights_fn,
+        init_extra=lambda T, shared: {
+            "calls": jnp.zeros((), jnp.int32),
+            "raw": jnp.zeros((T,), jnp.float32),
+        },
+        per_group=("calls", "raw"),
+        refresh_every=every,
+        reuse=(lambda ctx: (ctx.state.raw, {})) if reuse else None,
+        max_norm=max_norm,
+    )
+    return build.aggregator(method, num_tasks=2, groups=groups)
+
+
+def test_refresh_every_reuses_weights_and_skips_the_gramian_pass():
+    J = jnp.array([[3.0, 0.0, 1.0], [0.0, 4.0, -1.0]])
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+    grads = lambda s: {"a": s * J[:, :2], "b": s * J[:, 2:]}
+    for every, max_norm, groups in [
+        (3, None, None),
+        (3, 1.0, None),
+        (1, 1.0, None),
+        (2, 1.0, "leaf"),
+    ]:
+        tx = _probe(every, max_norm, groups)
+        state, step = tx.init(params), jax.jit(tx.update)
+        for k in range(5):
+            s = float(k + 1)
+            u, state = step(grads(s), state)
+            full = np.concatenate([np.asarray(u["a"]), np.asarray(u["b"])])
+            d = s * np.asarray(J).sum(0)  # weights 1, 1
+            if max_norm is not None:
+                d = d * min(1.0, max_norm / np.linalg.norm(d))
+            np.testing.assert_allclose(full, d, rtol=1e-5, atol=1e-6 * np.abs(d).max())
+            calls = np.asarray(state.calls)
+            np.testing.assert_array_equal(calls, k // every + 1)
+            # The reported weights include the clip.
+            w = np.asarray(mtlopt.task_weights(state))
+            np.testing.assert_allclose(
+                w.reshape(-1, 2)[0],
+                np.linalg.norm(d) / np.linalg.norm(s * np.asarray(J).sum(0)),
+                rtol=1e-5,
+            )
+    # Between refreshes no Gramian: the jaxpr's Gramian sits in one branch of a cond.
+    tx = _probe(3, None)
+    jaxpr = str(jax.make_jaxpr(tx.update)(grads(1.0), tx.init(params)))
+    assert "cond" in jaxpr
+    # A NaN on a reuse step is caught by the update's check: state kept, counted.
+    state = tx.init(params)
+    _, state = tx.update(grads(1.0), state)
+    bad = {"a": J[:, :2] * jnp.nan, "b": J[:, 2:]}
+    u, state2 = tx.update(bad, state)
+    assert not np.any(np.asarray(u["a"])) and int(state2.skipped) == 1
+    assert int(state2.count) == int(state.count)
+
+
+def test_refresh_every_without_stored_weights_is_an_error():
+    method = build.Method(
+        "probe",
+        _ProbeState,
+        lambda ctx: (ctx.mask * 1.0, {}),
+        init_extra=lambda T, shared: {"calls": jnp.zeros(()), "raw": None},
+        refresh_every=2,
+    )
+    tx = build.aggregator(method, num_tasks=None)
+    with pytest.raises(ValueError, match=r"probe.*num_tasks"):
+        tx.update({"w": jnp.ones((2, 3))}, tx.init({"w": jnp.zeros(3)}))

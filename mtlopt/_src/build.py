@@ -59,6 +59,12 @@ uses. One update runs in this order (``update_fn`` below):
     its grads finite, so Gramian methods decide before pass 2 and never re-read the update.
     The new state is cast to the old state's dtypes (a state is stable under ``lax.scan``).
 
+**Periodic weights** (``refresh_every``, Nash-MTL's ``update_weights_every``): steps 6-8 run
+under a ``lax.cond`` on ``state.count % refresh_every == 0``; between refreshes the weights come
+from ``reuse`` and the non-finite policy checks the update (no Gramian proves the grads finite).
+**Clipping** (``max_norm``): after step 8, the weights are scaled so that the shared update's
+norm, known from the Gramian, is at most ``max_norm`` (between refreshes: from the update).
+
 **Loss-only mode** (``loss_weighting=True``: mean, linear, DWA, later UW, RLW, FAMO, ...): the
 weights depend only on the losses (and the state, the signals), so ``update(None, state,
 task_losses=...)`` returns ``(weights, new_state)`` without task grads:
@@ -83,6 +89,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -162,6 +169,15 @@ class Method(NamedTuple):
       signals: the extra arguments the method reads (:class:`Signal`).
       random: the state keeps a PRNG key; ``ctx.key`` is fresh every step.
       per_group: state fields that get a leading group axis under ``groups=``.
+      refresh_every: the weighting (pass 1 and ``weights_fn``) runs on the steps where
+        ``state.count % refresh_every == 0``; the steps in between skip the Gramian pass and
+        the solve and take their weights from ``reuse`` (an int, or a traced one).
+      reuse: ``(Context) -> (weights, extras)`` on the steps in between (``ctx.gram`` is None);
+        default: the stored ``state.weights`` (which needs ``num_tasks``).
+      max_norm: the shared part of the update is scaled down to at most this norm (heads are
+        not): from ``w^T G w`` where the Gramian is known (no pass), from the update itself on
+        the in-between steps of ``refresh_every`` (a read and a write of a P-sized array). The
+        reported weights include the factor. None or 0: no clip.
     """
 
     name: str
@@ -179,6 +195,9 @@ class Method(NamedTuple):
     signals: tuple[Signal, ...] = ()
     random: bool = False
     per_group: tuple[str, ...] = ()
+    refresh_every: Any = 1
+    reuse: Callable[[Context], tuple[jax.Array, dict]] | None = None
+    max_norm: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,33 +538,73 @@ def aggregator(
             [m for m, g in zip(shared, layout.group, strict=True) if g == k] for k in range(K or 1)
         ]
 
-        if method.gram is not None:
-            if handed is not None and K is None:
-                gram, gscale = _handed(method.gram, handed.astype(cdt), by_group, T, cdt)
-            else:
-                gram, gscale = _pass_one(method.gram, by_group, T, cdt)
-            if in_scales is not None:
-                fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)
-                gram, gscale = jax.vmap(fold)(gram, gscale)
-            if K is None:
-                gram, gscale = gram[0], gscale[0]
-            ctx = ctx._replace(gram=gram, gram_scale=gscale)
         # The weights are constants of the update: nothing upstream of them is differentiated
         # (a solver loop could not be reverse-differentiated anyway).
-        ctx = ctx._replace(
-            gram=lax.stop_gradient(ctx.gram),
-            gram_scale=lax.stop_gradient(ctx.gram_scale),
-            losses=lax.stop_gradient(ctx.losses),
-        )
+        ctx = ctx._replace(losses=lax.stop_gradient(ctx.losses))
 
-        w = None
-        if method.weights_fn is not None:
+        def weighting(ctx):
+            """Pass 1 and the weights: ``(w, extras, ok, clip)``, ``clip`` the factor of
+            ``max_norm`` (1 without it)."""
+            if method.gram is not None:
+                if handed is not None and K is None:
+                    gram, gscale = _handed(method.gram, handed.astype(cdt), by_group, T, cdt)
+                else:
+                    gram, gscale = _pass_one(method.gram, by_group, T, cdt)
+                if in_scales is not None:
+                    fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)
+                    gram, gscale = jax.vmap(fold)(gram, gscale)
+                if K is None:
+                    gram, gscale = gram[0], gscale[0]
+                ctx = ctx._replace(
+                    gram=lax.stop_gradient(gram), gram_scale=lax.stop_gradient(gscale)
+                )
+            good = jnp.asarray(True)
             w, more = _weigh(method, ctx, K)
-            extras.update(more)
             w = lax.stop_gradient(jnp.where(mask, w, 0.0).astype(cdt))
+            if ctx.gram is not None:
+                good = jnp.all(jnp.isfinite(ctx.gram)) & jnp.all(jnp.isfinite(ctx.gram_scale))
+            clip = jnp.ones((), cdt)
+            if clipped and ctx.gram is not None and method.gram == "full":
+                clip = _clip_factor(_gram_norm(ctx.gram, ctx.gram_scale, w), method.max_norm)
+            return w, more, good, clip
+
+        clipped = method.max_norm is not None and not (
+            checks.concrete(method.max_norm) and float(np.asarray(method.max_norm)) == 0.0
+        )
+        periodic = method.weights_fn is not None and not (
+            checks.concrete(method.refresh_every) and int(method.refresh_every) == 1
+        )
+        w = None
+        clip = None
+        if method.weights_fn is not None and not periodic:
+            w, more, good, clip = weighting(ctx)
+            extras.update(more)
+            ok &= good
+        elif periodic:
+            if method.reuse is None and getattr(state, "weights", None) is None:
+                raise checks.fail(
+                    name, "reusing weights between refreshes needs num_tasks (the stored weights)."
+                )
+            shape = jax.eval_shape(lambda: weighting(ctx))
+
+            def again():
+                if method.reuse is None:
+                    w_old, more = state.weights, {}
+                else:
+                    w_old, more = method.reuse(ctx)
+                more = {k: more.get(k, getattr(state, k)) for k in shape[1]}
+                more = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), more, shape[1])
+                w_old = lax.stop_gradient(jnp.where(mask, w_old, 0.0).astype(cdt))
+                return w_old, more, jnp.asarray(True), jnp.full((), jnp.nan, cdt)
+
+            fresh = state.count % jnp.asarray(method.refresh_every, state.count.dtype) == 0
+            w, more, good, clip = lax.cond(fresh, lambda: weighting(ctx), again)
+            extras.update(more)
+            ok &= good
+        if w is not None:
             ok &= jnp.all(jnp.isfinite(w))
-        if ctx.gram is not None:
-            ok &= jnp.all(jnp.isfinite(ctx.gram)) & jnp.all(jnp.isfinite(ctx.gram_scale))
+            if clipped and method.gram == "full" and not periodic:
+                w = w * clip
 
         any_task = jnp.any(mask)
         new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
@@ -569,6 +628,10 @@ def aggregator(
                 scales = scales * head_in_scales
             head_w = lax.stop_gradient(jnp.where(mask, scales, 0.0))
 
+        # Between refreshes (or without a full Gramian) the clip comes from the update itself.
+        late_clip = clipped and w is not None and (periodic or method.gram != "full")
+        box: dict = {}
+
         def combine_all():
             if method.coordinate is not None:
                 outs = []
@@ -581,6 +644,12 @@ def aggregator(
                     tree.combine(applied if K is None else applied[g], [m])[0]
                     for m, g in zip(shared, layout.group, strict=True)
                 ]
+            if late_clip:
+                f = _clip_factor(_tree_norm(outs, cdt), method.max_norm)
+                if periodic:  # known from the Gramian on refresh steps
+                    f = jnp.where(jnp.isnan(clip), f, clip)
+                outs = [(o.astype(cdt) * f).astype(o.dtype) for o in outs]
+                box["clip"] = f
             outs = [o.reshape(sh).astype(dt) for o, (sh, dt) in zip(outs, shapes, strict=True)]
             out_heads = tree.combine(head_w, heads) if heads else []
             return _merge(layout, outs, out_heads)
@@ -593,7 +662,8 @@ def aggregator(
         filled = lambda: jax.tree.map(lambda x: jnp.full(x.shape[1:], fill, x.dtype), task_grads)
         # A float16 update can overflow where its float32 sum did not: check those outputs.
         narrow = any(jnp.dtype(d) == jnp.float16 for d in out_dtypes + [x.dtype for x in heads])
-        if ctx.gram is None or heads or method.coordinate is not None or narrow:
+        checked = method.gram is None or periodic or late_clip
+        if checked or heads or method.coordinate is not None or narrow:
             # The output is checked anyway: one cond after the check, not one before it too.
             updates = combine_all()
             ok &= tree.all_finite(updates)
@@ -602,9 +672,40 @@ def aggregator(
             updates = lax.cond(ok, lambda: updates, filled)
         else:
             updates = lax.cond(ok, combine_all, filled)
+        if "clip" in box and reports and state.weights is not None:
+            new_state = new_state._replace(weights=w * box["clip"])
         return updates, _finish(method, state, new_state, ok)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _clip_factor(norm: jax.Array, max_norm: Any) -> jax.Array:
+    """``min(1, max_norm / norm)``; 1 for a zero norm (and for ``max_norm == 0``: no clip)."""
+    m = jnp.asarray(max_norm, norm.dtype)
+    over = (m > 0) & (norm > m)
+    return jnp.where(over, m / jnp.where(over, norm, 1.0), 1.0)
+
+
+def _gram_norm(gram: jax.Array, gram_scale: jax.Array, w: jax.Array) -> jax.Array:
+    """``||sum_t w_t g_t||`` over all shared leaves, from the (per-group, pre-scaled) Gramian:
+    ``sqrt(sum_k s_k^2 w_k^T G_k w_k)`` without over- or underflow of the scales."""
+    gram = gram.reshape(-1, *gram.shape[-2:])
+    w = w.reshape(-1, w.shape[-1])
+    s = jnp.reshape(gram_scale, (-1,))
+    q = jnp.maximum(jnp.einsum("ks,kst,kt->k", w, gram, w, precision=lax.Precision.HIGHEST), 0)
+    top = jnp.max(s)
+    top = jnp.where(top > 0, top, 1.0)
+    return jnp.sqrt(jnp.sum(q * jnp.square(s / top))) * top
+
+
+def _tree_norm(outs: list, dtype) -> jax.Array:
+    """The norm of a list of arrays, scaled by their largest entry (no over- or underflow)."""
+    if not outs:
+        return jnp.zeros((), dtype)
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(o)).astype(dtype) for o in outs]))
+    inv = jnp.where(top > 0, 1.0 / jnp.where(top > 0, top, 1.0), 0.0)
+    sq = sum(jnp.sum(jnp.square(o.astype(dtype) * inv)) for o in outs)
+    return jnp.sqrt(sq) * top
 
 
 def _loss_only_tasks(method: Method, num_tasks: int | None, task_losses: Any) -> int:
