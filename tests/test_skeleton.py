@@ -649,3 +649,19 @@ def test_refresh_every_without_stored_weights_is_an_error():
     tx = build.aggregator(method, num_tasks=None)
     with pytest.raises(ValueError, match=r"probe.*num_tasks"):
         tx.update({"w": jnp.ones((2, 3))}, tx.init({"w": jnp.zeros(3)}))
+
+
+def test_trimmed_mean_extraction_and_sort_agree_with_numpy_ties_and_masks():
+    from mtlopt._src.methods import coordinate
+
+    rng = np.random.default_rng(0)
+    for T, b in [(5, 1), (7, 3), (40, 2)]:  # (40, 2) is past the extraction limit: the sort
+        x = rng.integers(-3, 4, size=(T, 50)).astype(np.float32)  # many ties
+        x[0, :3] = 1e30  # a huge value trimmed away: no cancellation
+        mask = np.ones(T, bool)
+        mask[1] = False
+        got = np.asarray(coordinate.trimmed_mean_rows(jnp.asarray(x), jnp.asarray(mask), b))
+        act = np.sort(x[mask], axis=0)
+        n = act.shape[0]
+        k = min(b, (n - 1) // 2)
+        np.testing.assert_allclose(got, act[k : n - k].mean(0), rtol=1e-6, atol=1e-6)

@@ -645,7 +645,7 @@ def aggregator(
                     for m, g in zip(shared, layout.group, strict=True)
                 ]
             if late_clip:
-                f = _clip_factor(_tree_norm(outs, cdt), method.max_norm)
+                f = _clip_factor(lax.stop_gradient(_tree_norm(outs, cdt)), method.max_norm)
                 if periodic:  # known from the Gramian on refresh steps
                     f = jnp.where(jnp.isnan(clip), f, clip)
                 outs = [(o.astype(cdt) * f).astype(o.dtype) for o in outs]
@@ -692,10 +692,15 @@ def _gram_norm(gram: jax.Array, gram_scale: jax.Array, w: jax.Array) -> jax.Arra
     gram = gram.reshape(-1, *gram.shape[-2:])
     w = w.reshape(-1, w.shape[-1])
     s = jnp.reshape(gram_scale, (-1,))
-    q = jnp.maximum(jnp.einsum("ks,kst,kt->k", w, gram, w, precision=lax.Precision.HIGHEST), 0)
     top = jnp.max(s)
     top = jnp.where(top > 0, top, 1.0)
-    return jnp.sqrt(jnp.sum(q * jnp.square(s / top))) * top
+    # w scaled by the largest |w_t| ||g_t|| first: w^T G w may overflow where the norm does not.
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=-2, axis2=-1), 0.0))
+    r = jnp.max(jnp.abs(w) * norms * (s / top)[:, None])
+    r = jnp.where((r > 0) & jnp.isfinite(r), r, 1.0)
+    v = w / r
+    q = jnp.maximum(jnp.einsum("ks,kst,kt->k", v, gram, v, precision=lax.Precision.HIGHEST), 0)
+    return jnp.sqrt(jnp.sum(q * jnp.square(s / top))) * top * r
 
 
 def _tree_norm(outs: list, dtype) -> jax.Array:
