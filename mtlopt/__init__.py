@@ -6,17 +6,37 @@ from mtlopt._src.inspect import task_weights as task_weights
 from mtlopt._src.loss_mode import loss_weights as loss_weights
 from mtlopt._src.methods.balancing import DBMTLState as DBMTLState
 from mtlopt._src.methods.balancing import LogTransformState as LogTransformState
+from mtlopt._src.methods.balancing import NTKMTLState as NTKMTLState
 from mtlopt._src.methods.balancing import db_mtl as db_mtl
 from mtlopt._src.methods.balancing import log_transform as log_transform
+from mtlopt._src.methods.balancing import ntkmtl as ntkmtl
+from mtlopt._src.methods.bargaining import NashMTLState as NashMTLState
+from mtlopt._src.methods.bargaining import nash_mtl as nash_mtl
+from mtlopt._src.methods.closed_form import AlignedMTLState as AlignedMTLState
+from mtlopt._src.methods.closed_form import ConFIGState as ConFIGState
+from mtlopt._src.methods.closed_form import IMTLGState as IMTLGState
+from mtlopt._src.methods.closed_form import KrumState as KrumState
+from mtlopt._src.methods.closed_form import aligned_mtl as aligned_mtl
+from mtlopt._src.methods.closed_form import config as config
+from mtlopt._src.methods.closed_form import imtl_g as imtl_g
+from mtlopt._src.methods.closed_form import krum as krum
+from mtlopt._src.methods.coordinate import GradDropState as GradDropState
 from mtlopt._src.methods.coordinate import TrimmedMeanState as TrimmedMeanState
+from mtlopt._src.methods.coordinate import graddrop as graddrop
 from mtlopt._src.methods.coordinate import trimmed_mean as trimmed_mean
+from mtlopt._src.methods.dual_cone import DualProjState as DualProjState
+from mtlopt._src.methods.dual_cone import UPGradState as UPGradState
+from mtlopt._src.methods.dual_cone import dualproj as dualproj
+from mtlopt._src.methods.dual_cone import upgrad as upgrad
 from mtlopt._src.methods.loss_weighting import DWAState as DWAState
 from mtlopt._src.methods.loss_weighting import dwa as dwa
 from mtlopt._src.methods.min_norm import CAGradState as CAGradState
 from mtlopt._src.methods.min_norm import MGDAState as MGDAState
 from mtlopt._src.methods.min_norm import cagrad as cagrad
 from mtlopt._src.methods.min_norm import mgda as mgda
+from mtlopt._src.methods.projection import GradVacState as GradVacState
 from mtlopt._src.methods.projection import PCGradState as PCGradState
+from mtlopt._src.methods.projection import gradvac as gradvac
 from mtlopt._src.methods.projection import pcgrad as pcgrad
 from mtlopt._src.methods.scalarization import LinearState as LinearState
 from mtlopt._src.methods.scalarization import MeanState as MeanState
@@ -33,44 +53,53 @@ from mtlopt._src.tree import gramian as gramian
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedMTLState",
     "CAGradState",
+    "ConFIGState",
     "DBMTLState",
     "DWAState",
+    "DualProjState",
+    "GradDropState",
+    "GradVacState",
+    "IMTLGState",
+    "KrumState",
     "LinearState",
     "LogTransformState",
     "MGDAState",
     "MeanState",
+    "NTKMTLState",
+    "NashMTLState",
     "PCGradState",
     "SolverInfo",
     "TaskScaled",
     "TrimmedMeanState",
+    "UPGradState",
+    "aligned_mtl",
     "cagrad",
     "cagrad_fast_groups",
     "cagrad_fast_weights",
     "combine",
+    "config",
     "db_mtl",
+    "dualproj",
     "dwa",
+    "graddrop",
+    "gradvac",
     "gramian",
+    "imtl_g",
+    "krum",
     "linear",
     "log_transform",
     "loss_weights",
     "mean",
     "mgda",
+    "nash_mtl",
     "native_kernel_available",
+    "ntkmtl",
     "pcgrad",
     "task_value_and_grad",
     "task_weights",
     "trimmed_mean",
+    "upgrad",
     "weights_from_gramian",
 ]
-
-# --- exports: dual_cone ---
-# --- end exports: dual_cone ---
-# --- exports: bargaining ---
-# --- end exports: bargaining ---
-# --- exports: closed_form ---
-# --- end exports: closed_form ---
-# --- exports: surgery ---
-# --- end exports: surgery ---
-# --- exports: ntkmtl ---
-# --- end exports: ntkmtl ---

@@ -203,23 +203,141 @@ ROWS += [
 ]
 
 # --- rows: dual_cone ---
-ROWS += []
+# zero_task_stationary and non_conflicting stay off for both: a zero task constrains nothing
+# (<0, d> >= 0), so the others' projections remain; the update is in the dual cone
+# (<g_t, d> >= 0, tested in tests/test_dual_cone.py), not MGDA's <g_t, d> >= ||d||^2.
+ROWS += [
+    Row(
+        "upgrad",
+        lambda T, **k: mtlopt.upgrad(**_nt(T, k)),
+        identical_scale=lambda T, loss: 1.0,
+    ),
+    Row(
+        "dualproj",
+        lambda T, **k: mtlopt.dualproj(**_nt(T, k)),
+        identical_scale=lambda T, loss: 1.0,
+    ),
+]
+# The peers' options (reg_eps, norm_eps) are tested against TorchJD in tests/test_dual_cone.py.
 # --- end rows: dual_cone ---
 
 # --- rows: bargaining ---
-ROWS += []
+ROWS += [
+    Row(
+        "nash_mtl",
+        lambda T, **k: mtlopt.nash_mtl(**_nt(T, k)),
+        needs_num_tasks=True,
+        # The update sums unit-norm task gradients (|d| = sqrt(T) for identical tasks), clipped
+        # to max_norm = 1: its scale is 1 / |g|, not a function of the losses; only the
+        # direction is claimed.
+        t1_scale=None,
+        identical_scale=None,
+        # Two exactly opposed tasks have no positive solution: the regularised one has weights
+        # ~ 1 / (|g| sqrt(ridge)) (ridge ~ 1e-6 in float32), and the update is 0 up to the
+        # combination's rounding of those large weights, ~1e-5 |g| (tests/test_nash_mtl.py
+        # checks the limit and that rounding).
+        cancels_opposite=False,
+    ),
+]
 # --- end rows: bargaining ---
 
 # --- rows: closed_form ---
-ROWS += []
+# Krum needs T >= n_byzantine + 3 tasks (TorchJD's check, a ValueError at trace time). The
+# shared suite also builds every row at T = 2 (its two-task program, which the masked scenarios
+# are compared with): there the row stands in with the mean, which is Krum's documented
+# fallback for fewer than n_byzantine + 3 active tasks (what krum gives two active tasks of
+# three). The registry has no claim for a minimum T.
+_krum = lambda T, n_selected=1, squared=True, **k: (
+    mtlopt.mean(**_nt(T, k)) if T < 3 else mtlopt.krum(0, n_selected, squared=squared, **_nt(T, k))
+)
+ROWS += [
+    Row(
+        "imtl_g",
+        lambda T, **k: mtlopt.imtl_g(**_nt(T, k)),
+        identical_scale=lambda T, loss: 1.0,  # the weights sum to 1
+        # Opposite tasks: c = G_u^+ 1 = 0, no direction with equal projections: zero update.
+    ),
+    Row(
+        "config",
+        lambda T, **k: mtlopt.config(**_nt(T, k)),
+        identical_scale=lambda T, loss: float(T),  # the sum of the T projections
+    ),
+    Row(
+        "aligned_mtl",
+        lambda T, **k: mtlopt.aligned_mtl(**_nt(T, k)),
+        identical_scale=lambda T, loss: float(T),  # B 1 summed (the authors' code)
+    ),
+    Row(
+        "aligned_mtl_median_mean",
+        lambda T, **k: mtlopt.aligned_mtl("median", reduction="mean", **_nt(T, k)),
+        method="aligned_mtl",
+        identical_scale=lambda T, loss: 1.0,  # B 1 / T (TorchJD)
+        variant=True,
+    ),
+    Row(
+        "krum",
+        _krum,
+        # Ties go to the lowest index, and with T = 3, n_byzantine = 0 (one neighbour per score)
+        # the two tasks nearest each other always tie: permuting the tasks changes the choice.
+        order_free=False,
+        identical_scale=lambda T, loss: 1.0,  # all scores 0: the first task is chosen
+    ),
+    Row(
+        "krum_multi",
+        lambda T, **k: _krum(T, n_selected=2, squared=False, **k),
+        method="krum",
+        order_free=False,  # ties go to the lowest index (see "krum")
+        identical_scale=lambda T, loss: 1.0,  # the mean of two identical gradients
+        variant=True,
+    ),
+]
 # --- end rows: closed_form ---
 
 # --- rows: surgery ---
-ROWS += []
+# GradVac per layer (groups=) and GradDrop with a (T,) leak are checked in tests/test_surgery.py
+# (masks and skipped steps included), not as rows here: each such row cost 13-32 programs.
+ROWS += [
+    Row(
+        "gradvac",
+        lambda T, **k: mtlopt.gradvac(**{"seed": 0, **_nt(T, k)}),
+        needs_num_tasks=True,  # (T, T) cosine targets in the state
+        order_free=False,  # each task meets the others in a keyed random order (T >= 3)
+        identical_scale=lambda T, loss: float(T),  # cosines 1: nothing altered, sums
+        seeded=True,
+        task_state=("targets",),  # a masked task's row of targets is kept
+    ),
+    Row(
+        "graddrop",
+        lambda T, **k: mtlopt.graddrop(**{"seed": 0, **_nt(T, k)}),
+        stateful_weights=False,  # per coordinate: no (T,) weights
+        gramian_only=False,
+        identical_scale=lambda T, loss: float(T),  # one sign everywhere: kept whole, summed
+        cancels_opposite=False,  # g and -g: each coordinate keeps one of them
+        seeded=True,
+        split_invariant=False,  # each leaf draws its own uniforms (fold_in of the leaf index)
+    ),
+]
 # --- end rows: surgery ---
 
 # --- rows: ntkmtl ---
-ROWS += []
+ROWS += [
+    Row(
+        "ntkmtl",
+        lambda T, **k: mtlopt.ntkmtl(**_nt(T, k)),
+        # The default clips the update to norm 1 (the suite's gradients are larger): only the
+        # direction is claimed for T = 1 and identical tasks. The clip's factor comes from the
+        # (stop_gradient) Gramian, so the update stays linear in the grads with weights fixed.
+        t1_scale=None,
+    ),
+    Row(
+        "ntkmtl_noclip",
+        lambda T, **k: mtlopt.ntkmtl(max_norm=0.0, **_nt(T, k)),
+        method="ntkmtl",
+        # w_t = (trace / |g_t|^2)^(1/2) = sqrt(T) for T identical tasks: T^1.5 g.
+        identical_scale=lambda T, loss: float(T) ** 1.5,
+        variant=True,
+    ),
+]
 # --- end rows: ntkmtl ---
 
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]

@@ -1,4 +1,4 @@
-"""Loss-scale and gradient-magnitude balancing: ``log_transform`` and DB-MTL."""
+"""Loss-scale and gradient-magnitude balancing: ``log_transform``, DB-MTL and NTKMTL."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtlopt._src import build, checks, tree
@@ -217,6 +218,144 @@ def db_mtl(
         prepare=prepare,
         head_scales=lambda ctx, w: log_scales(ctx.losses, eps),
         guarded=("ema_grads",),
+    )
+    return build.aggregator(
+        method,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        groups=groups,
+    )
+
+
+# --- ntkmtl ---
+
+
+class NTKMTLState(NamedTuple):
+    """State of :func:`ntkmtl`: the step counters and, with ``num_tasks``, the last weights."""
+
+    count: jax.Array
+    skipped: jax.Array
+    weights: jax.Array | None
+
+
+def ntkmtl_weights(diag: jax.Array, mask: jax.Array, ntk_exp: Any) -> jax.Array:
+    """NTKMTL's weights ``(trace / diag_t) ** ntk_exp`` from the Gramian's diagonal ``(T,)``.
+
+    The trace is over the active tasks; a masked task, or one whose squared norm is 0 (a zero
+    gradient has no direction), gets weight 0. Computed as ``exp(ntk_exp * log(ratio))``, so a
+    ratio beyond the dtype's range (a tiny task beside large ones) does not overflow. The
+    weights do not depend on the Gramian's units: a pre-scaled one gives the same.
+    """
+    diag = jnp.where(mask, jnp.maximum(diag, 0.0), 0.0)
+    live = diag > 0
+    # log(trace) by logsumexp: the trace itself may overflow (squared norms near the dtype's
+    # largest value) where no entry does, and dividing by the largest entry instead would need
+    # its reciprocal, subnormal there (flushed to zero on XLA:CPU).
+    log_diag = jnp.log(jnp.where(live, diag, 1.0))
+    log_trace = jax.nn.logsumexp(jnp.where(live, log_diag, -jnp.inf))
+    log_ratio = log_trace - log_diag
+    p = jnp.asarray(ntk_exp, diag.dtype)
+    return jnp.where(live, jnp.exp(p * log_ratio), 0.0)
+
+
+def ntkmtl(
+    ntk_exp: float = 0.5,
+    max_norm: float = 1.0,
+    *,
+    num_tasks: int | None = None,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+    groups: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""NTKMTL: each task weighted by the NTK's trace over its own NTK eigenvalue, to a power.
+
+    Task → params. Scale: sums, and more: every weight is at least 1 (``T = 1`` returns the
+    gradient; T identical tasks give ``T**(1 + ntk_exp)`` times it). With ``ntk_exp = 1/2``
+    each task contributes a vector of the same norm, ``sqrt(trace G)``. Then, as in the
+    authors' code, the shared update is clipped to norm ``max_norm`` (1 by default).
+
+    .. math::
+       w_t = \Big(\frac{\operatorname{tr} G}{G_{tt}}\Big)^{p}
+           = \Big(\frac{\sum_s \|g_s\|^2}{\|g_t\|^2}\Big)^{p}, \qquad
+       d = \min\Big(1, \frac{m}{\|g_w\|}\Big)\, g_w, \quad g_w = \sum_t w_t g_t
+
+    with ``p = ntk_exp`` and ``m = max_norm``. This is the paper's NTKMTL with one NTK sample
+    per task (its ``n = 1``, used in all of its NTKMTL experiments): task t's NTK is then the
+    scalar ``||g_t||^2``, its largest eigenvalue, and the tasks' convergence speeds are
+    balanced by weighting each against their sum.
+
+    Args:
+      ntk_exp: ``p``, the exponent on the NTK ratio, ``>= 0``. The paper takes the square
+        root (0.5, the default); the authors' README suggests trying slightly larger values
+        (their NYUv2 script uses 0.75), which favour the slow (small-gradient) tasks more.
+        0 gives the plain sum of the tasks with a non-zero gradient.
+      max_norm: the shared part of the update (not the heads) is scaled down to at most this
+        norm, as the authors' ``clip_grad_norm_`` on the shared parameters does; the factor
+        is known from the Gramian (no extra pass) and included in ``task_weights``. 0 (or
+        None): no clip, and only the squared norms are read in pass 1 (no off-diagonal).
+      num_tasks: optional; given, the state keeps the last weights (``task_weights``).
+      task_specific: which leaves are task-specific heads (see :func:`mtlopt.cagrad`); they
+        follow their own task's gradient, unweighted, as in the authors' code.
+      nonfinite: ``"skip"`` (default) or ``"propagate"`` (see :func:`mtlopt.cagrad`).
+      groups: weights per group of leaves (see :func:`mtlopt.cagrad`), each from its
+        group's squared norms; the clip then applies to the whole shared update. The
+        authors weight the whole shared model at once (no groups).
+
+    Masked tasks (``task_mask``) take no part: they are left out of the trace and get
+    weight 0. A task with a zero gradient gets weight 0 (it has no direction), and so does one
+    whose squared norm is 0 in the Gramian's dtype beside the largest (float32: norms more than
+    ~1e19 apart, where pass 1 pre-scales); the weights are computed in logs, so ratios beyond
+    the dtype's range (a tiny task beside large ones) stay finite.
+
+    Cost:
+      Two passes over the task grads: squared norms (``max_norm=0``) or the Gramian (with the
+      clip, whose norm ``sqrt(w^T G w)`` needs the off-diagonal), then the combination;
+      O(T) work on them, no solver; no state beyond the last weights.
+
+    Deviations:
+      Neither LibMTL nor TorchJD has NTKMTL. From the authors' code: a task with a zero
+      gradient gets weight 0 (their code divides by its zero squared norm: NaN); masked tasks
+      and ``groups=`` are ours. Their code multiplies the weighted sum by T before the clip
+      (a factor copied from their CAGrad, "to match the sum loss"; their NTKMTL-SR weights
+      the loss sum without it); we keep the weighted sum, ``sum_t w_t g_t``. To reproduce
+      their update exactly, chain ``mtlopt.ntkmtl(max_norm=max_norm / T)`` and
+      ``optax.scale(T)``. The paper's general NTKMTL (``n > 1`` samples per task: the largest
+      eigenvalue of each task's per-sample NTK) and NTKMTL-SR (the NTK of the shared
+      representation) need per-sample gradients, which the task grads do not carry: not
+      implemented.
+
+    Examples:
+      >>> import jax.numpy as jnp, mtlopt
+      >>> tx = mtlopt.ntkmtl(max_norm=0.0)
+      >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]])}
+      >>> updates, _ = tx.update(grads, tx.init({"w": jnp.zeros(2)}))
+      >>> updates["w"].round(4)  # sqrt(25 / 9) * g_1 + sqrt(25 / 16) * g_2
+      Array([5., 5.], dtype=float32)
+
+    References:
+      Qin et al., `NTKMTL: Mitigating Task Imbalance in Multi-Task Learning from Neural
+      Tangent Kernel Perspective <https://arxiv.org/abs/2510.18258>`_, NeurIPS 2025; code:
+      https://github.com/jianke0604/NTKMTL.
+    """
+    name = "ntkmtl"
+    ntk_exp = checks.nonnegative(name, "ntk_exp", ntk_exp)
+    if max_norm is not None:
+        max_norm = checks.nonnegative(name, "max_norm", max_norm)
+    clip = max_norm is not None and not (
+        checks.concrete(max_norm) and float(np.asarray(max_norm)) == 0.0
+    )
+
+    def weights_fn(ctx: build.Context):
+        diag = jnp.diagonal(ctx.gram) if ctx.gram.ndim == 2 else ctx.gram
+        return ntkmtl_weights(diag, ctx.mask, ntk_exp), {}
+
+    method = build.Method(
+        name,
+        NTKMTLState,
+        weights_fn,
+        gram="full" if clip else "diag",
+        max_norm=max_norm if clip else None,
     )
     return build.aggregator(
         method,
