@@ -96,6 +96,10 @@ def batch_warm_up():
     from tests.registry import Row
 
     batch.results(Row("warm-up", lambda T, **k: mtlopt.mean(**{"num_tasks": T, **k})))
+    # The key's small programs (split, key data) too, or the first seeded row on a worker pays
+    # them (measured: gradvac's count 13 or 21 depending on the worker it landed on).
+    seeded = lambda T, **k: mtlopt.pcgrad(**{"seed": 0, "num_tasks": T, **k})
+    batch.results(Row("warm-up-seeded", seeded, order_free=False, seeded=True))
 
 
 # The compile budget. Adding a method adds a registry row, and every row costs the XLA programs

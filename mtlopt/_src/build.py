@@ -645,9 +645,11 @@ def aggregator(
                     for m, g in zip(shared, layout.group, strict=True)
                 ]
             if late_clip:
-                f = _clip_factor(lax.stop_gradient(_tree_norm(outs, cdt)), method.max_norm)
-                if periodic:  # known from the Gramian on refresh steps
-                    f = jnp.where(jnp.isnan(clip), f, clip)
+                measure = lambda: _clip_factor(
+                    lax.stop_gradient(_tree_norm(outs, cdt)), method.max_norm
+                )
+                # Known from the Gramian on refresh steps: measured only between them.
+                f = lax.cond(jnp.isnan(clip), measure, lambda: clip) if periodic else measure()
                 outs = [(o.astype(cdt) * f).astype(o.dtype) for o in outs]
                 box["clip"] = f
             outs = [o.reshape(sh).astype(dt) for o, (sh, dt) in zip(outs, shapes, strict=True)]

@@ -320,8 +320,9 @@ def gradvac(
     def init_extra(T, shared):
         leaves = jax.tree.leaves(shared)
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in leaves)) if leaves else jnp.float32
-        # From the host (no eager XLA program), a new buffer every call (donation).
-        return {"targets": jnp.asarray(np.zeros((T, T), dtype))}
+        # From the host: a new buffer every call (donation), and no eager XLA program per shape
+        # (jnp.zeros and jnp.asarray compile one each).
+        return {"targets": jax.device_put(np.zeros((T, T), dtype))}
 
     def weights_fn(ctx: build.Context):
         T = ctx.T
