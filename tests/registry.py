@@ -202,7 +202,6 @@ ROWS += [
     ),
 ]
 
-# --- rows: dual_cone ---
 # zero_task_stationary and non_conflicting stay off for both: a zero task constrains nothing
 # (<0, d> >= 0), so the others' projections remain; the update is in the dual cone
 # (<g_t, d> >= 0, tested in tests/test_dual_cone.py), not MGDA's <g_t, d> >= ||d||^2.
@@ -219,9 +218,7 @@ ROWS += [
     ),
 ]
 # The peers' options (reg_eps, norm_eps) are tested against TorchJD in tests/test_dual_cone.py.
-# --- end rows: dual_cone ---
 
-# --- rows: bargaining ---
 ROWS += [
     Row(
         "nash_mtl",
@@ -239,9 +236,7 @@ ROWS += [
         cancels_opposite=False,
     ),
 ]
-# --- end rows: bargaining ---
 
-# --- rows: closed_form ---
 # Krum needs T >= n_byzantine + 3 tasks (TorchJD's check, a ValueError at trace time). The
 # shared suite also builds every row at T = 2 (its two-task program, which the masked scenarios
 # are compared with): there the row stands in with the mean, which is Krum's documented
@@ -291,9 +286,7 @@ ROWS += [
         variant=True,
     ),
 ]
-# --- end rows: closed_form ---
 
-# --- rows: surgery ---
 # GradVac per layer (groups=) and GradDrop with a (T,) leak are checked in tests/test_surgery.py
 # (masks and skipped steps included), not as rows here: each such row cost 13-32 programs.
 ROWS += [
@@ -317,9 +310,7 @@ ROWS += [
         split_invariant=False,  # each leaf draws its own uniforms (fold_in of the leaf index)
     ),
 ]
-# --- end rows: surgery ---
 
-# --- rows: ntkmtl ---
 ROWS += [
     Row(
         "ntkmtl",
@@ -338,7 +329,6 @@ ROWS += [
         variant=True,
     ),
 ]
-# --- end rows: ntkmtl ---
 
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]

@@ -652,7 +652,6 @@ def cagrad_dual(
     )
 
 
-# --- solvers: dual_cone ---
 # Projections onto the dual cone {x : J x >= 0} (UPGrad, DualProj), in Gramian form: for each
 # row u of U, ``v = argmin_{v >= u} v^T G v``; then ``J^T v`` is the projection of ``J^T u``.
 
@@ -886,10 +885,6 @@ def dual_cone(
     return U + out.x, info(out.e, out.k)
 
 
-# --- end solvers: dual_cone ---
-
-
-# --- solvers: bargaining ---
 # Nash-MTL's bargaining system ``G a = 1/a``, ``a > 0``: the stationary point of the strictly
 # convex ``0.5 a^T G a - sum_t log a_t``. With ``a_t = b_t / n_t`` (``n_t = |g_t|``) it is the same
 # system on the cosine matrix ``C = G / (n n^T)``: ``b_t (C b)_t = 1``; the update
@@ -1161,6 +1156,3 @@ def bargaining(
     b = jnp.where(active, out.b, 0.0)
     info = BargainingInfo(out.k, jnp.max(jnp.abs(out.r)), out.near, sigma)
     return b, info
-
-
-# --- end solvers: bargaining ---
