@@ -161,3 +161,20 @@ def choice(name: str, arg: str, value: Any, options: tuple) -> Any:
     if value not in options:
         raise fail(name, f"{arg} must be one of {options}; got {value!r}.")
     return value
+
+
+def weight_vector(name: str, arg: str, value: Any, num_tasks: int | None):
+    """A constructor's ``(T,)`` vector of weights >= 0 (``cagrad``'s ``g0_weights``, UPGrad's
+    ``pref_vector``): ``(its size, the vector as float32 numpy, or the traced array)``, checked
+    against ``num_tasks`` where that is known."""
+    if np.ndim(value) != 1 or np.shape(value)[0] == 0:
+        raise fail(name, f"{arg} must be a non-empty 1-D sequence of weights; got {value!r}.")
+    if concrete(value):
+        v = np.asarray(value, np.float64)
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise fail(name, f"{arg} must hold finite weights >= 0; got {value!r}.")
+        value = np.asarray(value, np.float32)
+    size = np.shape(value)[0]
+    if num_tasks is not None and concrete(num_tasks) and num_tasks != size:
+        raise fail(name, f"num_tasks={num_tasks} but {arg} has {size} entries.")
+    return size, value

@@ -130,6 +130,17 @@ def uniform(mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return m / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def preference(weights, mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Weights on the active tasks: ``uniform`` where ``weights`` is None; a given ``(T,)``
+    vector keeps its total when tasks are masked out (its active part rescaled)."""
+    if weights is None:
+        return uniform(mask, dtype)
+    full = jnp.asarray(weights).astype(dtype)
+    kept = jnp.where(mask, full, 0.0)
+    total = jnp.sum(kept)
+    return jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
+
+
 def fw_gap(w: jax.Array, grad: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.dot(grad, w, precision=HIGHEST) - jnp.min(jnp.where(mask, grad, jnp.inf))
 

@@ -45,38 +45,6 @@ def _info() -> SolverInfo:
     return SolverInfo(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.array(True))
 
 
-def _check_pref(name: str, pref_vector: Any, num_tasks: int | None):
-    """``(num_tasks, pref_vector as float32 numpy or a traced array)``."""
-    if pref_vector is None:
-        return num_tasks, None
-    if np.ndim(pref_vector) != 1 or np.shape(pref_vector)[0] == 0:
-        raise checks.fail(
-            name, f"pref_vector must be a non-empty 1-D sequence of weights; got {pref_vector!r}."
-        )
-    if checks.concrete(pref_vector):
-        p = np.asarray(pref_vector, np.float64)
-        if not np.all(np.isfinite(p)) or np.any(p < 0):
-            raise checks.fail(
-                name, f"pref_vector must hold finite weights >= 0; got {pref_vector!r}."
-            )
-        pref_vector = np.asarray(pref_vector, np.float32)
-    size = np.shape(pref_vector)[0]
-    if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != size:
-        raise checks.fail(name, f"num_tasks={num_tasks} but pref_vector has {size} entries.")
-    return size, pref_vector
-
-
-def _pref(pref_vector: Any, mask: jax.Array, dtype) -> jax.Array:
-    """The preference weights on the active tasks: ``1 / T_active`` by default; a given vector
-    keeps its total when tasks are masked out (as :func:`mtlopt.cagrad`'s ``g0_weights``)."""
-    if pref_vector is None:
-        return solvers.uniform(mask, dtype)
-    full = jnp.asarray(pref_vector).astype(dtype)
-    kept = jnp.where(mask, full, 0.0)
-    total = jnp.sum(kept)
-    return jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
-
-
 def _gramian(ctx: build.Context, reg_eps: Any, norm_eps: Any) -> jax.Array:
     """The Gramian the QPs are solved on: trace-normalised (the solutions do not depend on its
     scale), with the peers' ``norm_eps`` and ``reg_eps`` where given.
@@ -185,7 +153,11 @@ def upgrad(
     """
     name = "upgrad"
     reg_eps, norm_eps = _check_common(name, tol, max_iters, reg_eps, norm_eps)
-    num_tasks, pref = _check_pref(name, pref_vector, num_tasks)
+    num_tasks, pref = (
+        (num_tasks, None)
+        if pref_vector is None
+        else checks.weight_vector(name, "pref_vector", pref_vector, num_tasks)
+    )
 
     def weights_fn(ctx: build.Context):
         mask, dtype, T = ctx.mask, ctx.dtype, ctx.T
@@ -195,7 +167,7 @@ def upgrad(
         if ctx.state.dual is not None:
             X0 = jnp.maximum(ctx.state.dual.astype(dtype) - U, 0.0)
         V, info = solvers.dual_cone(G, U, X0, mask, tol=tol, max_iters=max_iters)
-        w = jnp.dot(_pref(pref, mask, dtype), V, precision=solvers.HIGHEST)
+        w = jnp.dot(solvers.preference(pref, mask, dtype), V, precision=solvers.HIGHEST)
         extras = {} if ctx.state.dual is None else {"dual": V, "solver": info}
         return w, extras
 
@@ -277,12 +249,16 @@ def dualproj(
     """
     name = "dualproj"
     reg_eps, norm_eps = _check_common(name, tol, max_iters, reg_eps, norm_eps)
-    num_tasks, pref = _check_pref(name, pref_vector, num_tasks)
+    num_tasks, pref = (
+        (num_tasks, None)
+        if pref_vector is None
+        else checks.weight_vector(name, "pref_vector", pref_vector, num_tasks)
+    )
 
     def weights_fn(ctx: build.Context):
         mask, dtype = ctx.mask, ctx.dtype
         G = _gramian(ctx, reg_eps, norm_eps)
-        u = _pref(pref, mask, dtype)
+        u = solvers.preference(pref, mask, dtype)
         x0 = jnp.zeros_like(u)
         if ctx.state.dual is not None:
             x0 = jnp.maximum(ctx.state.dual.astype(dtype) - u, 0.0)

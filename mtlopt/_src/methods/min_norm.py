@@ -266,21 +266,7 @@ def cagrad(
     _check_solver_args(name, tol, max_iters)
     b_given = None
     if g0_weights is not None:
-        if np.ndim(g0_weights) != 1:
-            raise checks.fail(name, f"g0_weights must be a 1-D sequence; got {g0_weights!r}.")
-        if checks.concrete(g0_weights):
-            b = np.asarray(g0_weights, np.float64)
-            if not np.all(np.isfinite(b)) or np.any(b < 0):
-                raise checks.fail(
-                    name,
-                    "g0_weights must be a 1-D sequence of finite weights >= 0; got "
-                    f"{g0_weights!r}.",
-                )
-            g0_weights = np.asarray(g0_weights, np.float32)
-        size = np.shape(g0_weights)[0]
-        if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != size:
-            raise checks.fail(name, f"num_tasks={num_tasks} but g0_weights has {size} entries.")
-        num_tasks, b_given = size, g0_weights
+        num_tasks, b_given = checks.weight_vector(name, "g0_weights", g0_weights, num_tasks)
     # c == 0 is gradient descent on g0: skip the solve where c is known now (a traced c, as
     # under optax.inject_hyperparams, solves; rho = 0 then gives the same weights).
     plain = checks.concrete(c) and float(np.asarray(c)) == 0.0
@@ -290,13 +276,7 @@ def cagrad(
         cc = jnp.asarray(c).astype(dtype)
         r = jnp.asarray(rescale)
         divisor = jnp.where(r == 0, 1.0, jnp.where(r == 1, 1.0 + cc * cc, 1.0 + cc)).astype(dtype)
-        if b_given is None:
-            b = solvers.uniform(mask, dtype)
-        else:  # keep the total weight when some tasks are masked out
-            full = jnp.asarray(b_given).astype(dtype)
-            kept = jnp.where(mask, full, 0.0)
-            total = jnp.sum(kept)
-            b = jnp.where(total > 0, kept * (jnp.sum(full) / jnp.where(total > 0, total, 1.0)), 0.0)
+        b = solvers.preference(b_given, mask, dtype)  # keeps its total when tasks are masked
         if plain:
             return b / divisor, {}
         Gn = solvers.normalize(ctx.gram, mask)
