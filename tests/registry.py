@@ -63,6 +63,10 @@ class Row:
     # One leaf and the same vectors split into several give the same update (not so for
     # per-layer methods, groups="leaf": their weights differ from leaf to leaf by design).
     split_invariant: bool = True
+    # The weights need only the losses (Method.loss_weighting): mtlopt.loss_weights before one
+    # backward pass of sum_t w_t l_t gives the update of the method over the task grads
+    # (tests/test_one_pass.py, over several steps, heads included).
+    one_pass: bool = False
     # The skeleton feature this row stands for in the skeleton-only tests (training,
     # checkpoints, donation, apply_if_finite, memory, sharding, large leaves); "" = none. Those
     # tests run every other aggregator with -m slow.
@@ -91,6 +95,7 @@ ROWS = [
         lambda T, **k: mtlopt.mean(**_nt(T, k)),
         identical_scale=lambda T, loss: 1.0,
         representative="no Gramian: weights from the mask only, output checked for finiteness",
+        one_pass=True,
     ),
     Row(
         "linear",
@@ -100,6 +105,7 @@ ROWS = [
         t1_scale=None,
         fixed_weights=_linear_weights,
         cancels_opposite=False,
+        one_pass=True,
     ),
     Row(
         "cagrad",
@@ -188,6 +194,7 @@ ROWS += [
         # Every step closes an epoch, so the weights move from the third step on.
         signals=(("new_epoch", True),),
         representative="loss weighting: a declared extra signal, weights from the losses",
+        one_pass=True,
     ),
     Row(
         "mgda_per_leaf",

@@ -207,47 +207,7 @@ def test_log_transform_checks_masks_and_bad_losses():
 # ------------------------------------------------------------------ loss-only mode
 
 
-def test_loss_only_mode_matches_the_task_grads_mode_heads_included():
-    """DWA, mean and linear: the weights before the backward pass and one gradient of
-    sum_t w_t l_t give the update of the method run over the task grads."""
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"trunk": jax.random.normal(k1, (4, 6)), "heads": jax.random.normal(k2, (3, 6))}
-    x = jax.random.normal(jax.random.key(1), (8, 4))
-
-    def task_losses(p):
-        z = jnp.tanh(x @ p["trunk"])
-        return jnp.mean((z @ p["heads"].T - 1.0) ** 2, axis=0) + jnp.array([0.0, 1.0, 2.0])
-
-    heads = {"trunk": False, "heads": True}
-    for tx in (
-        mtlopt.dwa(num_tasks=3, task_specific=heads),
-        mtlopt.mean(num_tasks=3, task_specific=heads),
-        mtlopt.linear([0.2, 1.0, 3.0], task_specific=heads),
-    ):
-        extra = {"new_epoch": jnp.array(True)} if "DWA" in type(tx.init(None)).__name__ else {}
-
-        def one_pass(p, state, extra=extra, tx=tx):
-            def total(p):
-                losses = task_losses(p)
-                w, new = mtlopt.loss_weights(tx, jax.lax.stop_gradient(losses), state, **extra)
-                return jnp.dot(w, losses), new
-
-            return jax.grad(total, has_aux=True)(p)
-
-        def many_passes(p, state, extra=extra, tx=tx):
-            losses, g = mtlopt.task_value_and_grad(task_losses)(p)
-            return tx.update(g, state, p, task_losses=losses, **extra)
-
-        s1 = s2 = tx.init(params)
-        step1, step2 = jax.jit(one_pass), jax.jit(many_passes)
-        for i in range(4):  # (DWA: four epochs of one step each, so its weights move)
-            p = jax.tree.map(lambda a, i=i: a * (1.0 - 0.1 * i), params)
-            g1, s1 = step1(p, s1)
-            g2, s2 = step2(p, s2)
-            chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(mtlopt.task_weights(s1), mtlopt.task_weights(s2), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"mtlopt\.cagrad: task_grads=None \(the loss-only"):
-        mtlopt.loss_weights(mtlopt.cagrad(num_tasks=3), jnp.ones(3), None)
+# The one-pass mode of every loss-weighting row against its task-grads mode: test_one_pass.py.
 
 
 # ------------------------------------------------------------------ extra signals: DWA

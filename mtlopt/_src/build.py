@@ -33,7 +33,8 @@ uses. One update runs in this order (``update_fn`` below):
    keeps itself, so the skeleton does not select them again (a T x P select is a pass and a
    copy). The weighting then sees the state after that step (``ctx.state``).
 6. **Pass 1** (``gram="full"``: the ``(T, T)`` Gramian, ``"diag"``: squared norms, ``None``):
-   with ``groups=``, one per group, stacked ``(K, T, T)``. Pre-scaled by a power of two when
+   with ``groups=``, one per group, stacked ``(K, T, T)``; with ``gram_leaves``, over the
+   chosen shared leaves only (GradNorm's last shared layer). Pre-scaled by a power of two when
    float32 over- or underflows (``ctx.gram_scale``: the true Gramian is
    ``gram * gram_scale**2``). Float64 leaves (``jax_enable_x64``) are reduced in float64, others
    in float32 (``ctx.dtype``).
@@ -178,6 +179,10 @@ class Method(NamedTuple):
         not): from ``w^T G w`` where the Gramian is known (no pass), from the update itself on
         the in-between steps of ``refresh_every`` (a read and a write of a P-sized array). The
         reported weights include the factor. None or 0: no clip.
+      gram_leaves: ``(argument name, spec)``: pass 1 reads only the shared leaves that ``spec``
+        (a bool pytree or a callable, as ``task_specific``) marks True, e.g. GradNorm's last
+        shared layer; pass 2 still combines every leaf, and the update is then checked for
+        finiteness (the Gramian vouches only for the leaves it read). Not with ``groups=``.
     """
 
     name: str
@@ -198,6 +203,7 @@ class Method(NamedTuple):
     refresh_every: Any = 1
     reuse: Callable[[Context], tuple[jax.Array, dict]] | None = None
     max_norm: Any = None
+    gram_leaves: tuple[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +543,12 @@ def aggregator(
         by_group = [
             [m for m, g in zip(shared, layout.group, strict=True) if g == k] for k in range(K or 1)
         ]
+        partial = False
+        if method.gram_leaves is not None and not loss_only:
+            read = _gram_leaves(method, task_grads, layout)
+            partial = not all(read)
+            by_group = [[m for m, r in zip(shared, read, strict=True) if r]]
+            handed = None  # prepare's norms (if any) cover every leaf
 
         # The weights are constants of the update: nothing upstream of them is differentiated
         # (a solver loop could not be reverse-differentiated anyway).
@@ -664,7 +676,8 @@ def aggregator(
         filled = lambda: jax.tree.map(lambda x: jnp.full(x.shape[1:], fill, x.dtype), task_grads)
         # A float16 update can overflow where its float32 sum did not: check those outputs.
         narrow = any(jnp.dtype(d) == jnp.float16 for d in out_dtypes + [x.dtype for x in heads])
-        checked = method.gram is None or periodic or late_clip
+        # A Gramian of some leaves (gram_leaves) proves only those finite.
+        checked = method.gram is None or periodic or late_clip or partial
         if checked or heads or method.coordinate is not None or narrow:
             # The output is checked anyway: one cond after the check, not one before it too.
             updates = combine_all()
@@ -713,6 +726,23 @@ def _tree_norm(outs: list, dtype) -> jax.Array:
     inv = jnp.where(top > 0, 1.0 / jnp.where(top > 0, top, 1.0), 0.0)
     sq = sum(jnp.sum(jnp.square(o.astype(dtype) * inv)) for o in outs)
     return jnp.sqrt(sq) * top
+
+
+def _gram_leaves(method: Method, task_grads: Any, layout: _Layout) -> list[bool]:
+    """Per shared leaf: whether pass 1 reads it (``Method.gram_leaves``)."""
+    arg, spec = method.gram_leaves
+    if layout.K is not None:
+        raise checks.fail(method.name, f"{arg}= and groups= cannot be combined.")
+    structs = _structs(task_grads, task_axis=True)
+    flags = _flags(method.name, arg, spec, structs, layout.treedef, "bools")
+    read = [bool(f) for f, h in zip(flags, layout.heads, strict=True) if not h]
+    if not any(read):
+        raise checks.fail(
+            method.name,
+            f"{arg} selects no shared leaf (task-specific leaves are not in the Gramian); it "
+            "must mark at least one leaf that is not a head.",
+        )
+    return read
 
 
 def _loss_only_tasks(method: Method, num_tasks: int | None, task_losses: Any) -> int:
