@@ -103,3 +103,43 @@ __all__ = [
     "upgrad",
     "weights_from_gramian",
 ]
+
+# --- exports: learned_scales ---
+from mtlopt._src.methods.learned_scales import IMTLLState as IMTLLState
+from mtlopt._src.methods.learned_scales import IMTLState as IMTLState
+from mtlopt._src.methods.learned_scales import UWState as UWState
+from mtlopt._src.methods.learned_scales import imtl as imtl
+from mtlopt._src.methods.learned_scales import imtl_l as imtl_l
+from mtlopt._src.methods.learned_scales import uw as uw
+
+__all__ += ["IMTLLState", "IMTLState", "UWState", "imtl", "imtl_l", "uw"]
+# --- end exports: learned_scales ---
+
+# --- exports: rate_balancing ---
+from mtlopt._src.methods.rate_balancing import FAMOState as FAMOState  # noqa: E402
+from mtlopt._src.methods.rate_balancing import GradNormState as GradNormState  # noqa: E402
+from mtlopt._src.methods.rate_balancing import famo as famo  # noqa: E402
+from mtlopt._src.methods.rate_balancing import gradnorm as gradnorm  # noqa: E402
+
+__all__ += ["FAMOState", "GradNormState", "famo", "gradnorm"]
+# --- end exports: rate_balancing ---
+
+# --- exports: scalarizations ---
+from mtlopt._src.methods.scalarization import COSMOSState as COSMOSState  # noqa: E402
+from mtlopt._src.methods.scalarization import GLSState as GLSState  # noqa: E402
+from mtlopt._src.methods.scalarization import PBIState as PBIState  # noqa: E402
+from mtlopt._src.methods.scalarization import STCHState as STCHState  # noqa: E402
+from mtlopt._src.methods.scalarization import cosmos as cosmos  # noqa: E402
+from mtlopt._src.methods.scalarization import gls as gls  # noqa: E402
+from mtlopt._src.methods.scalarization import pbi as pbi  # noqa: E402
+from mtlopt._src.methods.scalarization import stch as stch  # noqa: E402
+
+__all__ += ["COSMOSState", "GLSState", "PBIState", "STCHState", "cosmos", "gls", "pbi", "stch"]
+# --- end exports: scalarizations ---
+
+# --- exports: rlw_dwa ---
+from mtlopt._src.methods.loss_weighting import RLWState as RLWState  # noqa: E402
+from mtlopt._src.methods.loss_weighting import rlw as rlw  # noqa: E402
+
+__all__ += ["RLWState", "rlw"]
+# --- end exports: rlw_dwa ---

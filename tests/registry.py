@@ -337,6 +337,163 @@ ROWS += [
     ),
 ]
 
+# --- rows: learned_scales ---
+# Learned per-task s (UW's log-variances, IMTL's log-scales) in the state: the claims hold at
+# the initial state (s = 0), where every scenario but the *_step1 ones starts. Their weights
+# need the losses, not the Gramian (gramian_only off for the loss-only two); the optimizer's
+# state (Adam: a scalar count beside the (T,) moments) is checked in tests/test_learned_scales.py.
+ROWS += [
+    Row(
+        "uw",
+        lambda T, **k: mtlopt.uw(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        t1_scale=lambda loss: 0.5,  # 0.5 exp(-s) at s = 0 (Kendall's 1 / (2 sigma^2))
+        identical_scale=lambda T, loss: 0.5 * T,
+        gramian_only=False,
+        task_state=("log_vars",),
+        one_pass=True,
+    ),
+    Row(
+        "uw_simplified",
+        lambda T, **k: mtlopt.uw(form="simplified", **_nt(T, k)),
+        method="uw",
+        needs_losses=True,
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: float(T),  # exp(-s) = 1 at s = 0
+        gramian_only=False,
+        task_state=("log_vars",),
+        one_pass=True,
+        variant=True,
+    ),
+    Row(
+        "imtl_l",
+        lambda T, **k: mtlopt.imtl_l(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: float(T),  # exp(s) = 1 at s = 0: the sum
+        gramian_only=False,
+        task_state=("log_scales",),
+        one_pass=True,
+    ),
+    Row(
+        "imtl",
+        lambda T, **k: mtlopt.imtl(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: 1.0,  # IMTL-G at s = 0: the weights sum to 1
+        # The weights depend on the Gramian, the losses and s: rotated task grads give the
+        # same weights, and weights_from_gramian applies (with task_losses).
+        task_state=("log_scales",),
+    ),
+]
+# --- end rows: learned_scales ---
+
+# --- rows: rate_balancing ---
+# FAMO's logits move from the second step on; the suite's scenarios start from init or after one
+# step on equal losses, where the logits do not move (no loss fell): its task_state claim is
+# the stamp of each task's stored loss (a masked task's is kept, an active one's advances). Its
+# logit update, masks and bad losses are checked in tests/test_rate_balancing.py.
+ROWS += [
+    Row(
+        "famo",
+        lambda T, **k: mtlopt.famo(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        gramian_only=False,  # weights from the losses alone (no Gramian at all)
+        identical_scale=lambda T, loss: 1.0,  # the first step: w_t = 1/T for equal losses
+        task_state=("loss_step",),
+        one_pass=True,
+    ),
+    Row(
+        "gradnorm",
+        lambda T, **k: mtlopt.gradnorm(**_nt(T, k)),
+        needs_losses=True,
+        needs_num_tasks=True,
+        # layer=None: the norms are the Gramian's diagonal, so the weights (and their
+        # learning) depend on the grads only through it.
+        identical_scale=lambda T, loss: float(T),  # the weights start at 1 each: sums
+        task_state=("learned",),
+    ),
+]
+# --- end rows: rate_balancing ---
+
+# --- rows: scalarizations ---
+# Scalarizations of the losses F(l): the weights are dF/dl_t, functions of the losses alone
+# (gramian_only off: they need the losses; the loss-only mode gives them). The preference rows
+# use ones: the masked scenarios drop a task's entry, which is then the two-task preference.
+ROWS += [
+    Row(
+        "gls",
+        lambda T, **k: mtlopt.gls(**_nt(T, k)),
+        needs_losses=True,
+        identical_scale=lambda T, loss: 1.0,  # equal losses: 1/T each, the mean
+        gramian_only=False,
+        one_pass=True,
+    ),
+    Row(
+        "stch",
+        lambda T, **k: mtlopt.stch(**_nt(T, k)),
+        needs_losses=True,
+        # No warm-up, nadir 1: w_t = n softmax(log l / mu)_t / l_t; equal losses: 1 / l each.
+        t1_scale=lambda loss: 1.0 / loss,
+        identical_scale=lambda T, loss: T / loss,
+        gramian_only=False,
+        one_pass=True,
+    ),
+    Row(
+        "stch_warmup",
+        lambda T, **k: mtlopt.stch(mu=0.5, warmup_steps=2, **_nt(T, k)),
+        method="stch",
+        needs_losses=True,
+        needs_num_tasks=True,  # the nadir is measured over the 2 warm-up steps
+        # From the initial state every scenario is a warm-up step: w_t = 1 / l_t.
+        t1_scale=lambda loss: 1.0 / loss,
+        identical_scale=lambda T, loss: T / loss,
+        gramian_only=False,
+        # The nadir's running mean of a task with equal losses does not move; its count does.
+        task_state=("nadir_count",),
+        one_pass=True,  # 4 steps: 2 of warm-up, 2 against the measured nadir
+        variant=True,
+    ),
+    Row(
+        "cosmos",
+        lambda T, **k: mtlopt.cosmos(np.ones(T, np.float32), **_nt(T, k)),
+        needs_losses=True,
+        weights_without_num_tasks=True,  # T is the preference's length
+        identical_scale=lambda T, loss: float(T),  # l parallel to r: w = r = 1
+        gramian_only=False,
+        one_pass=True,
+    ),
+    Row(
+        "pbi",
+        lambda T, **k: mtlopt.pbi(np.ones(T, np.float32), **_nt(T, k)),
+        needs_losses=True,
+        weights_without_num_tasks=True,  # T is the preference's length
+        identical_scale=lambda T, loss: float(np.sqrt(T)),  # on the ray: w = r / |r|
+        gramian_only=False,
+        one_pass=True,
+    ),
+]
+# --- end rows: scalarizations ---
+
+# --- rows: rlw_dwa ---
+ROWS += [
+    Row(
+        "rlw",
+        lambda T, **k: mtlopt.rlw(**{"seed": 0, **_nt(T, k)}),
+        # Task t takes the t-th draw of the key, whatever task sits there: permuting the tasks
+        # does not permute the weights of one draw (the law of the draw is exchangeable).
+        order_free=False,
+        identical_scale=lambda T, loss: 1.0,  # softmax weights add up to 1
+        cancels_opposite=False,  # w_1 g - w_2 g with random w_1 != w_2
+        seeded=True,
+        one_pass=True,
+    ),
+]
+# RLW's other distributions and its weights' law, dwa's window form: tests/test_loss_weighting.py.
+# --- end rows: rlw_dwa ---
+
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
 # The heaviest tests (whole training runs) run every method once by default; the variants

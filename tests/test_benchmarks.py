@@ -56,3 +56,15 @@ def test_train_step_quick():
 def test_gramian_route_quick():
     out = _run("gramian_route.py", "--steps", "2")
     assert "| mgda |" in out and "route temp xP" in out
+
+
+def test_one_pass_quick():
+    from tests.registry import ROWS
+
+    out = _run("one_pass.py", "--steps", "2")
+    assert "### Shared-trunk MLP" in out and "one pass / plain" in out and "Style:" in out
+    # Every registry row that claims one backward pass is found and timed, both ways.
+    for method in sorted({r.method for r in ROWS if r.one_pass}):
+        line = next((s for s in out.splitlines() if s.startswith(f"| `{method}(")), None)
+        assert line is not None, f"{method!r} missing from:\n{out}"
+        assert line.count("n/a") == 0, line

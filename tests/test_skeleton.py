@@ -598,6 +598,51 @@ def test_refresh_every_reuses_weights_and_skips_the_gramian_pass():
     assert int(state2.count) == int(state.count)
 
 
+def test_gram_leaves_reads_the_chosen_leaves_and_clips_the_whole_update():
+    """Pass 1 over the chosen leaves only (GradNorm's last shared layer); max_norm then
+    measures the whole update (the partial Gramian does not know its norm), and a NaN outside
+    the chosen leaves still skips the step."""
+    J = jnp.array([[3.0, 0.0, 10.0], [0.0, 4.0, -20.0]])
+    grads = {"a": J[:, :2], "b": J[:, 2:]}
+    seen = {}
+
+    def weights_fn(ctx):
+        seen["gram"] = ctx.gram
+        return 2.0 * solvers.uniform(ctx.mask, ctx.dtype), {}
+
+    def make(max_norm):
+        method = build.Method(
+            "probe",
+            _ProbeState,
+            weights_fn,
+            init_extra=lambda T, shared: {"calls": jnp.zeros(()), "raw": jnp.zeros((T,))},
+            max_norm=max_norm,
+            gram_leaves=("layer", {"a": True, "b": False}),
+        )
+        return build.aggregator(method, num_tasks=2)
+
+    tx = make(None)
+    state = tx.init({"a": jnp.zeros(2), "b": jnp.zeros(1)})
+    u, _ = tx.update(grads, state)
+    np.testing.assert_allclose(seen["gram"], [[9.0, 0.0], [0.0, 16.0]])
+    d = np.asarray(J).sum(0)
+    np.testing.assert_allclose(np.concatenate([u["a"], u["b"]]), d, rtol=1e-6)
+    u, _ = make(1.0).update(grads, state)
+    np.testing.assert_allclose(np.concatenate([u["a"], u["b"]]), d / np.linalg.norm(d), rtol=1e-5)
+    bad = {"a": J[:, :2], "b": J[:, 2:] * jnp.nan}
+    u, state2 = tx.update(bad, state)
+    assert not np.any(np.asarray(u["b"])) and int(state2.skipped) == 1
+    with pytest.raises(ValueError, match=r"probe: layer selects no shared leaf"):
+        method = build.Method(
+            "probe",
+            _ProbeState,
+            weights_fn,
+            init_extra=lambda T, shared: {"calls": jnp.zeros(()), "raw": jnp.zeros((T,))},
+            gram_leaves=("layer", {"a": False, "b": False}),
+        )
+        build.aggregator(method, num_tasks=2).update(grads, state)
+
+
 def test_refresh_every_without_stored_weights_is_an_error():
     method = build.Method(
         "probe",

@@ -576,7 +576,7 @@ def aggregator(
             if ctx.gram is not None:
                 good = jnp.all(jnp.isfinite(ctx.gram)) & jnp.all(jnp.isfinite(ctx.gram_scale))
             clip = jnp.ones((), cdt)
-            if clipped and ctx.gram is not None and method.gram == "full":
+            if clipped and ctx.gram is not None and method.gram == "full" and not partial:
                 clip = _clip_factor(_gram_norm(ctx.gram, ctx.gram_scale, w), method.max_norm)
             return w, more, good, clip
 
@@ -615,7 +615,7 @@ def aggregator(
             ok &= good
         if w is not None:
             ok &= jnp.all(jnp.isfinite(w))
-            if clipped and method.gram == "full" and not periodic:
+            if clipped and method.gram == "full" and not periodic and not partial:
                 w = w * clip
 
         any_task = jnp.any(mask)
@@ -641,7 +641,8 @@ def aggregator(
             head_w = lax.stop_gradient(jnp.where(mask, scales, 0.0))
 
         # Between refreshes (or without a full Gramian) the clip comes from the update itself.
-        late_clip = clipped and w is not None and (periodic or method.gram != "full")
+        # (A Gramian of some leaves, gram_leaves, does not know the whole update's norm.)
+        late_clip = clipped and w is not None and (periodic or method.gram != "full" or partial)
         box: dict = {}
 
         def combine_all():

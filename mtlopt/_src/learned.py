@@ -62,10 +62,14 @@ def step(
 ) -> tuple[jax.Array, Any]:
     """One step of ``opt`` on the ``(T,)`` parameters ``value`` from the gradient ``grad`` of
     the method's objective: ``(new value, new optimizer state)``. Masked tasks (``mask``
-    False) keep their value and their rows of the optimizer's state."""
+    False) keep their value and their rows of the optimizer's state; with no task active the
+    optimizer's state is left as it was."""
     T = value.shape[0]
     grad = jnp.where(mask, grad, 0.0).astype(value.dtype)
-    updates, new_state = opt.update(grad, opt_state, value)
+    # optax's transformations (Adam's bias correction: a float to an int power) are written
+    # for the standard promotion rules: trace them so under jax_numpy_dtype_promotion="strict".
+    with jax.numpy_dtype_promotion("standard"):
+        updates, new_state = opt.update(grad, opt_state, value)
     new_value = jnp.where(mask, value + updates.astype(value.dtype), value)
 
     def keep(new, old):
@@ -74,4 +78,8 @@ def step(
             return jnp.where(mask.reshape((T,) + (1,) * (jnp.ndim(old) - 1)), new, old)
         return new
 
-    return new_value, jax.tree.map(keep, new_state, opt_state)
+    new_state = jax.tree.map(keep, new_state, opt_state)
+    # A step with no active task is no step (Adam's count does not advance).
+    anyone = jnp.any(mask)
+    new_state = jax.tree.map(lambda n, o: jnp.where(anyone, n, o), new_state, opt_state)
+    return new_value, new_state
