@@ -99,7 +99,21 @@ def batch_warm_up():
     # The key's small programs (split, key data) too, or the first seeded row on a worker pays
     # them (measured: gradvac's count 13 or 21 depending on the worker it landed on).
     seeded = lambda T, **k: mtlopt.pcgrad(**{"seed": 0, "num_tasks": T, **k})
-    batch.results(Row("warm-up-seeded", seeded, order_free=False, seeded=True))
+    warm_seeded = Row("warm-up-seeded", seeded, order_free=False, seeded=True)
+    batch.results(warm_seeded)
+    # The seeded rows' training test: its eager programs (measured: rlw's 12, 25 in all).
+    from tests.test_training import test_determinism_and_independent_seeds
+
+    test_determinism_and_independent_seeds(warm_seeded)
+    # The one-pass test's and the missing-losses test's small programs (the first loss-weighting
+    # row on a worker paid them: gls 25, stch 22).
+    from tests.test_contract import test_missing_losses_is_an_error
+    from tests.test_one_pass import test_one_pass_matches_the_task_grads_mode
+
+    mean = lambda T, **k: mtlopt.mean(**{"num_tasks": T, **k})
+    test_one_pass_matches_the_task_grads_mode(Row("warm-up-one-pass", mean, one_pass=True))
+    gls = lambda T, **k: mtlopt.gls(**{"num_tasks": T, **k})
+    test_missing_losses_is_an_error(Row("gls", gls, needs_losses=True))
 
 
 # The compile budget. Adding a method adds a registry row, and every row costs the XLA programs
