@@ -66,11 +66,14 @@ from ``reuse`` and the non-finite policy checks the update (no Gramian proves th
 **Clipping** (``max_norm``): after step 8, the weights are scaled so that the shared update's
 norm, known from the Gramian, is at most ``max_norm`` (between refreshes: from the update).
 
-**Loss-only mode** (``loss_weighting=True``: mean, linear, DWA, later UW, RLW, FAMO, ...): the
-weights depend only on the losses (and the state, the signals), so ``update(None, state,
-task_losses=...)`` returns ``(weights, new_state)`` without task grads:
-:func:`mtlopt.loss_weights`. The user differentiates ``sum_t w_t l_t`` once instead of running T
-backward passes; the same method over task grads gives the same update.
+**Loss-only mode** (``loss_weighting=True``: mean, linear, DWA, UW, RLW, FAMO, GLS, ...; built
+with :func:`loss_weighting`, which also gives heads the same weights): the weights depend only
+on the losses (and the state, the signals), so ``update(None, state, task_losses=...)`` returns
+``(weights, new_state)`` without task grads: :func:`mtlopt.loss_weights`. The user
+differentiates ``sum_t w_t l_t`` once instead of running T backward passes; the same method
+over task grads gives the same update (``tests/test_one_pass.py``, every such row). Learned
+per-task parameters (UW's log-variances, FAMO's logits) are stepped by an optax optimizer inside
+the weighting: ``mtlopt/_src/learned.py``.
 
 **Task transforms** (:func:`task_transform`): task grads in, task grads out, with the same
 checks, mask and non-finite handling; they return a lazy :class:`~mtlopt.TaskScaled`.
@@ -693,6 +696,45 @@ def aggregator(
         return updates, _finish(method, state, new_state, ok)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def loss_weighting(
+    name: str,
+    state_cls: type,
+    weights_fn: Callable[[Context], tuple[jax.Array, dict]],
+    *,
+    num_tasks: int | None,
+    task_specific: Any = None,
+    nonfinite: str = "skip",
+    needs_losses: bool = True,
+    seed: Any = None,
+    **fields: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a loss-weighting method (mean, linear, DWA, UW, FAMO, GLS, ...): weights from the
+    losses, the state and the signals alone, so the loss-only mode (:func:`mtlopt.loss_weights`)
+    is allowed; no Gramian pass; each head gets its task's weight (the gradient of
+    ``sum_t w_t l_t``), so both modes give the same update. ``fields``: any other
+    :class:`Method` field (``init_extra``, ``signals``, ``random``)."""
+    method = Method(
+        name,
+        state_cls,
+        weights_fn,
+        gram=None,
+        needs_losses=needs_losses,
+        loss_weighting=True,
+        head_scales=_same_weights,
+        **fields,
+    )
+    return aggregator(
+        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite, seed=seed
+    )
+
+
+def _same_weights(ctx: Context, w: jax.Array) -> jax.Array:
+    """Each head gets its task's loss weight, as the trunk does (the gradient of
+    ``sum_t w_t l_t`` with respect to task t's head is ``w_t g_t``)."""
+    del ctx
+    return w
 
 
 def _clip_factor(norm: jax.Array, max_norm: Any) -> jax.Array:

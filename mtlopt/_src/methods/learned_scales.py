@@ -251,18 +251,14 @@ def uw(
         w = jnp.where(ok, jnp.where(mask, w, 0.0), jnp.nan)
         return w, {"log_vars": new, "opt_state": opt_state}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         UWState,
         weights_fn,
         init_extra=_init_fn(opt, init, "log_vars"),
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=lambda ctx, w: w,
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
 
 
@@ -358,18 +354,14 @@ def imtl_l(
         w = jnp.where(ok, jnp.where(ctx.mask, e, 0.0), jnp.nan)
         return w, {"log_scales": new, "opt_state": opt_state}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         IMTLLState,
         weights_fn,
         init_extra=_init_fn(opt, init, "log_scales"),
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=lambda ctx, w: w,
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
 
 

@@ -182,19 +182,15 @@ def dwa(
         }
         return w, extras
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         DWAState,
         weights_fn,
         init_extra=init_extra,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=lambda ctx, w: w,
         signals=(_NEW_EPOCH,),
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
 
 
@@ -368,20 +364,15 @@ def rlw(
         w = rlw_draw(distribution, ctx.key, ctx.mask, ctx.dtype, ctx.state.spread)
         return w, {}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         RLWState,
         weights_fn,
         init_extra=init_extra,
-        gram=None,
-        loss_weighting=True,
-        head_scales=lambda ctx, w: w,
         random=True,
-    )
-    return build.aggregator(
-        method,
         num_tasks=num_tasks,
         task_specific=task_specific,
         nonfinite=nonfinite,
         seed=seed,
+        needs_losses=False,
     )

@@ -260,19 +260,15 @@ def famo(
         }
         return w, extras
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         FAMOState,
         weights_fn,
         init_extra=init_extra,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=lambda ctx, w: w,
         signals=(_LOSSES_AFTER,),
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
 
 

@@ -66,11 +66,14 @@ def mean(
     def weights_fn(ctx):
         return solvers.uniform(ctx.mask, ctx.dtype), {}
 
-    method = build.Method(
-        "mean", MeanState, weights_fn, gram=None, loss_weighting=True, head_scales=_same_weights
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+    return build.loss_weighting(
+        "mean",
+        MeanState,
+        weights_fn,
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        needs_losses=False,
     )
 
 
@@ -128,17 +131,15 @@ def linear(
     def weights_fn(ctx):
         return jnp.asarray(weights).astype(ctx.dtype), {}
 
-    method = build.Method(
-        name, LinearState, weights_fn, gram=None, loss_weighting=True, head_scales=_same_weights
+    return build.loss_weighting(
+        name,
+        LinearState,
+        weights_fn,
+        num_tasks=T,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
+        needs_losses=False,
     )
-    return build.aggregator(method, num_tasks=T, task_specific=task_specific, nonfinite=nonfinite)
-
-
-def _same_weights(ctx, w):
-    """Loss weighting: each head gets its task's loss weight, as the trunk does (the gradient of
-    ``sum_t w_t l_t`` with respect to task t's head is ``w_t g_t``)."""
-    del ctx
-    return w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,17 +365,13 @@ def gls(
         w = jnp.exp(mean - d) / n
         return _bad_unless(ok, jnp.where(ctx.mask, w, 0.0)), {}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         GLSState,
         weights_fn,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=_same_weights,
-    )
-    return build.aggregator(
-        method, num_tasks=num_tasks, task_specific=task_specific, nonfinite=nonfinite
+        num_tasks=num_tasks,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
 
 
@@ -642,18 +639,16 @@ def stch(
     signals = [_preference_signal(False, T)]
     if epochs_form:
         signals.append(_NEW_EPOCH)
-    method = build.Method(
+    return build.loss_weighting(
         name,
         STCHState,
         log_weights if form == "log" else raw_weights,
         init_extra=init_extra,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=_same_weights,
         signals=tuple(signals),
+        num_tasks=T,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
-    return build.aggregator(method, num_tasks=T, task_specific=task_specific, nonfinite=nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,17 +744,15 @@ def cosmos(
         w = r - jnp.asarray(mu).astype(dtype) * grad_cos
         return jnp.where(mask, w, 0.0), {}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         COSMOSState,
         weights_fn,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=_same_weights,
         signals=(_preference_signal(preference is None, T),),
+        num_tasks=T,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
-    return build.aggregator(method, num_tasks=T, task_specific=task_specific, nonfinite=nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,14 +854,12 @@ def pbi(
         w = w_hat + jnp.asarray(theta).astype(dtype) * u
         return jnp.where(mask, w, 0.0), {}
 
-    method = build.Method(
+    return build.loss_weighting(
         name,
         PBIState,
         weights_fn,
-        gram=None,
-        needs_losses=True,
-        loss_weighting=True,
-        head_scales=_same_weights,
         signals=(_preference_signal(preference is None, T),),
+        num_tasks=T,
+        task_specific=task_specific,
+        nonfinite=nonfinite,
     )
-    return build.aggregator(method, num_tasks=T, task_specific=task_specific, nonfinite=nonfinite)
