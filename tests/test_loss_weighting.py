@@ -399,9 +399,9 @@ def test_dwa_matches_torchjd_step_form():
 
 
 def test_dwa_window_errors():
-    with pytest.raises(ValueError, match=r"mtlopt\.dwa: window must be a positive int"):
+    with pytest.raises(ValueError, match=r"mtlopt\.dwa: window must be an int >= 1"):
         mtlopt.dwa(window=0, num_tasks=2)
-    with pytest.raises(ValueError, match=r"mtlopt\.dwa: window must be a positive int"):
+    with pytest.raises(ValueError, match=r"mtlopt\.dwa: window must be an int >= 1"):
         mtlopt.dwa(window=1.5, num_tasks=2)
     tx = mtlopt.dwa(num_tasks=2)
     with pytest.raises(ValueError, match=r"mtlopt\.dwa: .*new_epoch.*or window=k"):

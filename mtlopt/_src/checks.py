@@ -127,6 +127,20 @@ def positive_int(name: str, arg: str, value: Any) -> int | None:
     return int(value)
 
 
+def count(name: str, arg: str, value: Any, minimum: int = 0) -> Any:
+    """An int ``>= minimum`` (a count of steps, tasks, ...), checked when concrete; a traced
+    scalar (``inject_hyperparams``, ``jax.vmap``) is returned as given."""
+    if not concrete(value):
+        if np.ndim(value) != 0:
+            raise fail(name, f"{arg} must be a scalar int; got shape {np.shape(value)}.")
+        return value
+    ok = not isinstance(value, bool) and np.ndim(value) == 0
+    ok = ok and np.issubdtype(np.asarray(value).dtype, np.integer) and int(value) >= minimum
+    if not ok:
+        raise fail(name, f"{arg} must be an int >= {minimum}; got {value!r}.")
+    return int(value)
+
+
 def nonnegative(name: str, arg: str, value: Any, *, upper: float | None = None) -> Any:
     """A number ``>= 0`` (and ``<= upper``): checked when concrete, returned as given.
 

@@ -667,18 +667,6 @@ def krum_weights(
     return jnp.where(enough, w, solvers.uniform(mask, dtype))
 
 
-def _count_arg(name: str, arg: str, value: Any, minimum: int) -> Any:
-    if not checks.concrete(value):
-        if np.ndim(value) != 0:
-            raise checks.fail(name, f"{arg} must be a scalar int; got shape {np.shape(value)}.")
-        return value
-    ok = not isinstance(value, bool) and np.ndim(value) == 0
-    ok = ok and np.issubdtype(np.asarray(value).dtype, np.integer) and int(value) >= minimum
-    if not ok:
-        raise checks.fail(name, f"{arg} must be an int >= {minimum}; got {value!r}.")
-    return int(value)
-
-
 def _krum_tasks(name: str, T: int, f: Any, m: Any, what: str) -> None:
     """TorchJD's checks: at least ``n_byzantine + 3`` tasks and at least ``n_selected``."""
     if isinstance(f, int) and f + 3 > T:
@@ -754,8 +742,8 @@ def krum(
       NeurIPS 2017.
     """
     name = "krum"
-    n_byzantine = _count_arg(name, "n_byzantine", n_byzantine, 0)
-    n_selected = _count_arg(name, "n_selected", n_selected, 1)
+    n_byzantine = checks.count(name, "n_byzantine", n_byzantine, 0)
+    n_selected = checks.count(name, "n_selected", n_selected, 1)
     if not isinstance(squared, bool):
         raise checks.fail(name, f"squared must be a bool; got {squared!r}.")
     if num_tasks is not None and checks.concrete(num_tasks):

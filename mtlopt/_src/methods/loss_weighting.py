@@ -121,10 +121,7 @@ def dwa(
         )
     temperature = checks.positive(name, "temperature", temperature)
     if window is not None:
-        if checks.concrete(window):
-            window = checks.positive_int(name, "window", window)
-        elif np.ndim(window) != 0:
-            raise checks.fail(name, f"window must be a scalar int; got shape {np.shape(window)}.")
+        window = checks.count(name, "window", window, 1)
 
     def init_extra(T, shared):
         del shared

@@ -230,19 +230,6 @@ def _check_point(name: str, arg: str, value: Any, T: int | None, *, positive: bo
     return size, value
 
 
-def _steps(name: str, arg: str, value: Any, *, minimum: int = 0) -> Any:
-    """An int >= minimum (checked when concrete; a traced one is returned as given)."""
-    if not checks.concrete(value):
-        if np.ndim(value) != 0:
-            raise checks.fail(name, f"{arg} must be a scalar; got shape {np.shape(value)}.")
-        return value
-    ok = not isinstance(value, bool) and np.ndim(value) == 0
-    ok = ok and np.issubdtype(np.asarray(value).dtype, np.integer) and int(value) >= minimum
-    if not ok:
-        raise checks.fail(name, f"{arg} must be an int >= {minimum}; got {value!r}.")
-    return int(value)
-
-
 def _pref(ctx: build.Context, given: Any, default: str) -> jax.Array:
     """This step's preference on the active tasks (0 on the masked ones): the ``preference``
     signal if passed, else the constructor's, else ``default`` ("ones", or "uniform": 1/n)."""
@@ -507,7 +494,7 @@ def stch(
     checks.choice(name, "form", form, _STCH_FORMS)
     num_tasks = checks.positive_int(name, "num_tasks", num_tasks)
     mu = checks.positive(name, "mu", mu)
-    warmup_steps = _steps(name, "warmup_steps", warmup_steps)
+    warmup_steps = checks.count(name, "warmup_steps", warmup_steps)
     T, preference = _check_preference(name, preference, num_tasks)
     # A traced warmup_steps (optax.inject_hyperparams traces every numeric argument, defaults
     # included) may be anything: the step form's logic is then kept, but only a concrete
@@ -537,7 +524,7 @@ def stch(
             )
         T, nadir = _check_point(name, "nadir", nadir, T, positive=True)
     if warmup_epochs is not None:
-        warmup_epochs = _steps(name, "warmup_epochs", warmup_epochs, minimum=1)
+        warmup_epochs = checks.count(name, "warmup_epochs", warmup_epochs, 1)
         if named:
             raise checks.fail(
                 name,
@@ -551,7 +538,7 @@ def stch(
                 "last warm-up epoch.",
             )
     if nadir_steps is not None:
-        nadir_steps = _steps(name, "nadir_steps", nadir_steps, minimum=1)
+        nadir_steps = checks.count(name, "nadir_steps", nadir_steps, 1)
         if nadir is not None:
             raise checks.fail(name, "nadir_steps has no use with a fixed nadir=.")
         if checks.concrete((warmup_steps, nadir_steps)) and nadir_steps > warmup_steps:
