@@ -354,18 +354,8 @@ ROWS += [
         task_state=("log_vars",),
         one_pass=True,
     ),
-    Row(
-        "uw_simplified",
-        lambda T, **k: mtlopt.uw(form="simplified", **_nt(T, k)),
-        method="uw",
-        needs_losses=True,
-        needs_num_tasks=True,
-        identical_scale=lambda T, loss: float(T),  # exp(-s) = 1 at s = 0
-        gramian_only=False,
-        task_state=("log_vars",),
-        one_pass=True,
-        variant=True,
-    ),
+    # form="simplified" (twice the objective: weights exp(-s)) is tested in
+    # tests/test_learned_scales.py, not as a row (a row costs ~12 programs).
     Row(
         "imtl_l",
         lambda T, **k: mtlopt.imtl_l(**_nt(T, k)),
