@@ -1,6 +1,7 @@
 """Strict JAX settings for the whole suite, and hypothesis profiles (derandomized in CI)."""
 
 import collections
+import contextlib
 import json
 import os
 import tempfile
@@ -104,10 +105,10 @@ def batch_warm_up():
     # The seeded rows' training test: its eager programs (measured: rlw's 12, 25 in all).
     from tests.test_training import test_determinism_and_independent_seeds
 
-    try:  # (it trains on scikit-learn's digits: where they are missing it skips, as the test)
+    # It trains on scikit-learn's digits; where they are missing it skips, as the test does: a
+    # warm-up never skips the tests that use it.
+    with contextlib.suppress(pytest.skip.Exception):
         test_determinism_and_independent_seeds(warm_seeded)
-    except pytest.skip.Exception:
-        pass  # a warm-up never skips the tests that use it
     # The one-pass test's and the missing-losses test's small programs (the first loss-weighting
     # row on a worker paid them: gls 25, stch 22).
     from tests.test_contract import test_missing_losses_is_an_error
