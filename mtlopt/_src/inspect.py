@@ -11,6 +11,18 @@ def _is_state(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
+def _unwrap(x: Any) -> Any:
+    """The array inside a framework's variable wrapper (Flax ``nnx.Optimizer`` keeps its optax
+    state as ``OptArray`` variables), without importing the framework."""
+    if x is None or isinstance(x, jax.Array):
+        return x
+    get_value = getattr(x, "get_value", None)  # Flax >= 0.12 (``.value`` is deprecated there)
+    if callable(get_value):
+        return get_value()
+    value = getattr(x, "value", None)
+    return value if value is not None else x
+
+
 def task_weights(opt_state: Any) -> jax.Array | None:
     """The ``(T,)`` weights the aggregator applied in its most recent update.
 
@@ -19,7 +31,8 @@ def task_weights(opt_state: Any) -> jax.Array | None:
     weights win over those of a method inside it, and a state whose ``weights`` is None (a
     method built without ``num_tasks``, or a per-coordinate one) is passed over. Returns
     ``None`` when no state keeps weights. Under ``groups=`` the weights are ``(K, T)``, one row
-    per group.
+    per group. States kept by Flax's ``nnx.Optimizer`` (``opt.opt_state``, whose arrays are
+    ``OptArray`` variables) are read through: the result is the array itself.
 
     Examples:
       >>> import jax.numpy as jnp, optax, mtlopt
@@ -32,8 +45,10 @@ def task_weights(opt_state: Any) -> jax.Array | None:
     level = [opt_state]
     while level:
         for node in level:
-            if _is_state(node) and "weights" in node._fields and node.weights is not None:
-                return node.weights
+            if _is_state(node) and "weights" in node._fields:
+                weights = _unwrap(node.weights)
+                if weights is not None:
+                    return weights
         nxt = []
         for node in level:
             if isinstance(node, dict):
