@@ -1,9 +1,15 @@
-"""The benchmark scripts run: each one's `--quick` mode exits 0 and times every method."""
+"""The benchmark scripts run: each one's `--quick` mode exits 0 and times every method.
+
+Marked slow (92 s of the README command's run, mostly compiling): `.ci/run` runs them as a step
+of their own, `python -m pytest -q -m slow tests/test_benchmarks.py`, outside the 10-minute
+test command."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +29,7 @@ def _run(script, *args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_aggregation_quick():
     out = _run("aggregation.py", "--repeats", "3")
     for label in [
@@ -44,6 +51,7 @@ def test_aggregation_quick():
     assert "targets:" in out
 
 
+@pytest.mark.slow
 def test_train_step_quick():
     out = _run("train_step.py", "--steps", "2", "--malloc", "retain")
     assert "malloc retaining freed memory" in out
@@ -53,11 +61,13 @@ def test_train_step_quick():
     assert "aggregation share" in out
 
 
+@pytest.mark.slow
 def test_gramian_route_quick():
     out = _run("gramian_route.py", "--steps", "2")
     assert "| mgda |" in out and "route temp xP" in out
 
 
+@pytest.mark.slow
 def test_one_pass_quick():
     from tests.registry import ROWS
 
