@@ -135,10 +135,7 @@ def _step(opt, grad, value, opt_state, mask, bound):
     """One step of the learned parameters: ``(new value, new optimizer state, ok)``, the value
     projected onto ``[-bound, bound]``; ``ok`` False where the new state is not finite."""
     grad = jnp.clip(jnp.where(mask, grad, 0.0), -_MAX_GRAD, _MAX_GRAD)
-    # optax's transformations (Adam's bias correction) are not clean under strict dtype
-    # promotion: trace them under the standard rules.
-    with jax.numpy_dtype_promotion("standard"):
-        new, opt_state = learned.step(opt, grad.astype(value.dtype), value, opt_state, mask)
+    new, opt_state = learned.step(opt, grad.astype(value.dtype), value, opt_state, mask)
     if bound is not None:
         b = jnp.asarray(bound).astype(new.dtype)
         new = jnp.where(mask, jnp.clip(new, -b, b), new)

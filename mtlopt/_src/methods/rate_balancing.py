@@ -38,13 +38,6 @@ def _finite(tree_: Any) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.asarray(True)
 
 
-def _step(opt, grad, value, opt_state, mask):
-    """``learned.step`` traced under standard dtype promotion: optax's transformations (Adam's
-    bias correction, ``float ** int32``) fail under ``jax_numpy_dtype_promotion="strict"``."""
-    with jax.numpy_dtype_promotion("standard"):
-        return learned.step(opt, grad, value, opt_state, mask)
-
-
 def _require_num_tasks(name: str, num_tasks: Any, what: str) -> None:
     if num_tasks is None:
         raise checks.fail(name, f"num_tasks is required ({what}); e.g. mtlopt.{name}(num_tasks=3).")
@@ -242,7 +235,7 @@ def famo(
         delta = jnp.where(both, safe(D_before) - safe(D_after), 0.0)
         z = _softmax(s.logits.astype(dtype), both)
         grad = z * (delta - jnp.sum(z * delta))
-        logits, opt_state = _step(opt, grad, s.logits, s.opt_state, both)
+        logits, opt_state = learned.step(opt, grad, s.logits, s.opt_state, both)
         moved = jnp.any(both)  # no step at all (Adam's count included) without a comparison
         logits = jnp.where(moved, logits, s.logits)
         opt_state = jax.tree.map(lambda a, o: jnp.where(moved, a, o), opt_state, s.opt_state)
@@ -461,7 +454,7 @@ def gradnorm(
 
         # Through w = T softmax(p) for the softmax parameterization.
         grad = T * z * (dL_dw - jnp.sum(z * dL_dw)) if softmax else dL_dw
-        value, opt_state = _step(opt, grad, s.learned, s.opt_state, mask)
+        value, opt_state = learned.step(opt, grad, s.learned, s.opt_state, mask)
         if not softmax:
             kept = s.learned.astype(dtype)
             value = jnp.where(mask, jnp.maximum(value.astype(dtype), _GRADNORM_FLOOR), kept)
