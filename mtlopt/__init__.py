@@ -143,3 +143,19 @@ from mtlopt._src.methods.loss_weighting import rlw as rlw  # noqa: E402
 
 __all__ += ["RLWState", "rlw"]
 # --- end exports: rlw_dwa ---
+
+# --- exports: diagnostics ---
+from mtlopt._src.diagnostics import Diagnostics as Diagnostics  # noqa: E402
+from mtlopt._src.diagnostics import DiagnosticsState as DiagnosticsState  # noqa: E402
+from mtlopt._src.diagnostics import diagnostics as diagnostics  # noqa: E402
+from mtlopt._src.diagnostics import task_diagnostics as task_diagnostics  # noqa: E402
+from mtlopt._src.diagnostics import with_diagnostics as with_diagnostics  # noqa: E402
+
+__all__ += [
+    "Diagnostics",
+    "DiagnosticsState",
+    "diagnostics",
+    "task_diagnostics",
+    "with_diagnostics",
+]
+# --- end exports: diagnostics ---

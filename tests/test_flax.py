@@ -1,6 +1,7 @@
 """Flax ``nnx`` as users write it: ``nnx.Optimizer`` over a chain with an mtlopt method, task
-grads of an ``nnx.Module``, heads chosen by their path, and the helpers reading the optimizer's
-Flax-wrapped state (run with warnings as errors: no deprecated Flax access)."""
+grads of an ``nnx.Module``, heads chosen by their path, and the helpers (task weights,
+diagnostics) reading the optimizer's Flax-wrapped state (run with warnings as errors: no
+deprecated Flax access)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_nnx_optimizer_task_weights_and_heads_by_path():
         return jnp.mean((m(x) - y) ** 2, axis=0)
 
     tx = optax.chain(mtlopt.cagrad(num_tasks=2, task_specific=_heads), optax.sgd(1.0))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt = nnx.Optimizer(model, mtlopt.with_diagnostics(tx, num_tasks=2), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt):
@@ -53,6 +54,7 @@ def test_nnx_optimizer_task_weights_and_heads_by_path():
         warnings.simplefilter("error")
         g = step(model, opt)
         w = mtlopt.task_weights(opt.opt_state)
+        diag = mtlopt.task_diagnostics(opt.opt_state)
     assert isinstance(w, jax.Array) and w.shape == (2,)
     assert np.all(np.isfinite(np.asarray(w)))
     after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
@@ -67,3 +69,11 @@ def test_nnx_optimizer_task_weights_and_heads_by_path():
         np.testing.assert_allclose(
             after["trunk"][leaf], before["trunk"][leaf] - d, rtol=1e-4, atol=1e-5
         )
+    # The diagnostics of the trunk's task grads (heads are not in the Gramian), read through
+    # Flax's wrappers.
+    J = np.concatenate([grads["trunk"][k].reshape(2, -1) for k in ("kernel", "bias")], axis=1)
+    assert isinstance(diag.norms, jax.Array)
+    np.testing.assert_allclose(diag.norms, np.linalg.norm(J, axis=1), rtol=1e-5)
+    cos = J[0] @ J[1] / np.prod(np.linalg.norm(J, axis=1))
+    np.testing.assert_allclose(diag.cosines[0, 1], cos, rtol=1e-4, atol=1e-6)
+    assert int(diag.conflicts) == int(cos < 0)

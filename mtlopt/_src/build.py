@@ -104,6 +104,10 @@ from mtlopt._src import checks, rng, tree
 _TINY_GRAM = 1e-30
 
 NONFINITE = ("skip", "propagate")
+# The private extra argument through which mtlopt.with_diagnostics asks an aggregator for the
+# Gramian of the task grads it received: a dict that update_fn fills at trace time.
+CAPTURE = "_mtlopt_diagnostics"
+
 SIGNAL_KINDS = ("flag", "task_vector", "gramian", "task_grads")
 
 
@@ -481,6 +485,7 @@ def aggregator(
 
     def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
         del params
+        capture = extra.pop(CAPTURE, None)  # mtlopt.with_diagnostics asks for the Gramian
         task_grads, in_scales = tree.unwrap(task_grads)
         loss_only = task_grads is None
         if loss_only:
@@ -501,6 +506,7 @@ def aggregator(
         if given_mask is not None:  # rows of absent tasks may hold NaN: keep them out of sums
             shared = tree.select_tasks(mask, shared)
             heads = tree.select_tasks(mask, heads)
+        raw_shared = shared  # what with_diagnostics describes (before prepare and any scales)
         if in_scales is not None:
             in_scales = lax.stop_gradient(in_scales.astype(cdt))
             ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, in_scales, 0.0)))
@@ -565,6 +571,8 @@ def aggregator(
                     gram, gscale = _handed(method.gram, handed.astype(cdt), by_group, T, cdt)
                 else:
                     gram, gscale = _pass_one(method.gram, by_group, T, cdt)
+                    if capture is not None and raw_gram and not periodic:
+                        box["raw_gram"] = (gram, gscale)
                 if in_scales is not None:
                     fold = lambda g, gs: _fold(g, gs, in_scales, method.gram)
                     gram, gscale = jax.vmap(fold)(gram, gscale)
@@ -583,6 +591,10 @@ def aggregator(
                 clip = _clip_factor(_gram_norm(ctx.gram, ctx.gram_scale, w), method.max_norm)
             return w, more, good, clip
 
+        # The Gramian of pass 1 is that of the task grads as they came (what with_diagnostics
+        # reports) unless prepare replaced them or pass 1 read only some leaves.
+        raw_gram = method.gram == "full" and method.prepare is None and not partial
+        box: dict = {}
         clipped = method.max_norm is not None and not (
             checks.concrete(method.max_norm) and float(np.asarray(method.max_norm)) == 0.0
         )
@@ -646,7 +658,12 @@ def aggregator(
         # Between refreshes (or without a full Gramian) the clip comes from the update itself.
         # (A Gramian of some leaves, gram_leaves, does not know the whole update's norm.)
         late_clip = clipped and w is not None and (periodic or method.gram != "full" or partial)
-        box: dict = {}
+        if capture is not None:
+            if "raw_gram" not in box:  # one pass more, for the diagnostics alone
+                box["raw_gram"] = _pass_one(
+                    "full", [[tree.as_matrix(x) for x in raw_shared]], T, cdt
+                )
+            capture["gramian"] = _summed(*box["raw_gram"])
 
         def combine_all():
             if method.coordinate is not None:
@@ -735,6 +752,15 @@ def _same_weights(ctx: Context, w: jax.Array) -> jax.Array:
     ``sum_t w_t l_t`` with respect to task t's head is ``w_t g_t``)."""
     del ctx
     return w
+
+
+def _summed(gram: jax.Array, gram_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-group pre-scaled Gramians ``(K, T, T)``, scales ``(K,)`` as one ``(gram, scale)``
+    over all shared leaves (the true Gramian is ``gram * scale**2``), without overflow."""
+    top = jnp.max(gram_scale)
+    top = jnp.where(top > 0, top, 1.0)
+    total = jnp.sum(jnp.square(gram_scale / top)[:, None, None] * gram, axis=0)
+    return lax.stop_gradient(total), lax.stop_gradient(top)
 
 
 def _clip_factor(norm: jax.Array, max_norm: Any) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -42,13 +43,19 @@ def task_weights(opt_state: Any) -> jax.Array | None:
       >>> mtlopt.task_weights(state)
       Array([0.5, 0.5], dtype=float32)
     """
+    for node in nodes(opt_state):
+        if _is_state(node) and "weights" in node._fields:
+            weights = _unwrap(node.weights)
+            if weights is not None:
+                return weights
+    return None
+
+
+def nodes(opt_state: Any) -> Iterator[Any]:
+    """Every node of a state, breadth-first (tuples, lists, dicts, ``inner_state`` wrappers)."""
     level = [opt_state]
     while level:
-        for node in level:
-            if _is_state(node) and "weights" in node._fields:
-                weights = _unwrap(node.weights)
-                if weights is not None:
-                    return weights
+        yield from level
         nxt = []
         for node in level:
             if isinstance(node, dict):
@@ -58,4 +65,3 @@ def task_weights(opt_state: Any) -> jax.Array | None:
             elif hasattr(node, "inner_state"):
                 nxt.append(node.inner_state)
         level = nxt
-    return None
