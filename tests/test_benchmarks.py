@@ -78,3 +78,40 @@ def test_one_pass_quick():
         line = next((s for s in out.splitlines() if s.startswith(f"| `{method}(")), None)
         assert line is not None, f"{method!r} missing from:\n{out}"
         assert line.count("n/a") == 0, line
+
+
+def _multidigits_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "multidigits_bench", ROOT / "benchmarks" / "multidigits.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_multidigits_covers_every_method():
+    # Fast (no training): every public method of mtlopt has a row in the MultiDigits runner, so
+    # a new method cannot be left out of the benchmark. A public name that is not a method goes
+    # into the runner's NOT_METHODS.
+    md = _multidigits_module()
+    covered = {name for m in md.METHODS for name in m.covers}
+    missing = md.public_methods() - covered
+    assert not missing, f"benchmarks/multidigits.py has no row for {sorted(missing)}"
+    assert set(md.QUICK_METHODS) <= {m.name for m in md.METHODS}
+    assert len({m.name for m in md.METHODS}) == len(md.METHODS)
+
+
+@pytest.mark.slow
+def test_multidigits_quick(tmp_path):
+    args = ["--methods", "mean,cagrad", "--seeds", "1", "--epochs", "1", "--n-train", "512"]
+    out = _run("multidigits.py", *args, "--n-test", "200", "--tasks", "4", "--out", str(tmp_path))
+    assert "## T = 4: left, right, sum, left>right" in out
+    for row in ["| single-task baselines |", "| `mean` |", "| `cagrad` |"]:
+        assert row in out, f"{row!r} missing from:\n{out}"
+    assert "Δm% ↑" in out and "compile s" in out
+    assert (tmp_path / "multidigits.md").read_text().startswith("# MultiDigits")
+    for png in ["multidigits_metrics.png", "multidigits_tradeoff.png"]:
+        assert (tmp_path / png).stat().st_size > 0
