@@ -102,6 +102,13 @@ def with_diagnostics(
     per-coordinate methods, periodic refreshes). Task transforms in front (``log_transform``)
     do not change the diagnostics: they describe the gradients of the losses themselves.
 
+    Where ``tx`` is not an mtlopt aggregator, or runs one under control flow (as
+    :func:`mtlopt.accumulate` does), the wrapper computes the Gramian itself, over every leaf
+    (heads included): put ``with_diagnostics`` inside ``accumulate``, around the method's chain,
+    to describe the accumulated task grads from the method's own Gramian. (The aggregator hands
+    its Gramian over at trace time; a wrapper of your own that calls it under ``lax.cond`` or
+    ``lax.scan`` must not pass on the private extra argument ``_mtlopt_diagnostics``.)
+
     Masked tasks (``task_mask``) show zero norms and cosines. On a step that the aggregator
     skips for non-finite inputs, the diagnostics show the bad values (NaN); the next good step
     overwrites them. In the loss-only mode (:func:`mtlopt.loss_weights`) there are no task
@@ -143,11 +150,11 @@ def with_diagnostics(
             return new_updates, DiagnosticsState(inner, state.diagnostics)
         n = checks.num_tasks(name, grads, expected=T)
         del n
+        d = None
         if "gramian" in box:
-            gram, scale = box["gramian"]
-        else:
-            gram, scale = _gramian(grads, extra.get("task_mask"))
-        d = diagnostics(gram, scale)
+            d = diagnostics(*box["gramian"])
+        if d is None:
+            d = diagnostics(*_gramian(grads, extra.get("task_mask")))
         d = jax.tree.map(lambda new, old: new.astype(old.dtype), d, state.diagnostics)
         return new_updates, DiagnosticsState(inner, d)
 
