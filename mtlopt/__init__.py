@@ -159,3 +159,11 @@ __all__ += [
     "with_diagnostics",
 ]
 # --- end exports: diagnostics ---
+
+# --- exports: flax_glue ---
+from mtlopt._src.accumulate import AccumulateState as AccumulateState  # noqa: E402
+from mtlopt._src.accumulate import accumulate as accumulate  # noqa: E402
+from mtlopt._src.paths import by_path as by_path  # noqa: E402
+
+__all__ += ["AccumulateState", "accumulate", "by_path"]
+# --- end exports: flax_glue ---

@@ -151,3 +151,26 @@ def test_diagnostics_function_and_errors():
     with pytest.raises(ValueError, match="with_diagnostics"):
         tx.update({"w": jnp.ones((3, 2))}, tx.init({"w": jnp.zeros(2)}))
     assert mtlopt.task_diagnostics(optax.adam(1.0).init({"w": jnp.zeros(2)})) is None
+
+
+def test_with_accumulate_either_order():
+    """Outside accumulate (the method runs under its lax.cond: the wrapper computes the Gramian
+    of the micro-batch, every leaf) and inside it (the method's own Gramian of the means)."""
+    J, head = _problems()
+    params = {"trunk": jnp.zeros((2, 3)), "bias": jnp.zeros(2), "head": jnp.zeros(5)}
+    chain = optax.chain(mtlopt.cagrad(num_tasks=T, task_specific=HEADS), optax.sgd(1.0))
+    outer = mtlopt.with_diagnostics(mtlopt.accumulate(chain, every_k=2, num_tasks=T), T)
+    inner = mtlopt.accumulate(mtlopt.with_diagnostics(chain, T), every_k=2, num_tasks=T)
+
+    @jax.jit
+    def run(s_outer, s_inner):
+        for i in range(2):
+            g = _grads(J[i], head[i])
+            s_outer = outer.update(g, s_outer)[1]
+            s_inner = inner.update(g, s_inner)[1]
+        return mtlopt.task_diagnostics(s_outer), mtlopt.task_diagnostics(s_inner)
+
+    d_outer, d_inner = run(outer.init(params), inner.init(params))
+    whole = np.concatenate([J[1], head[1]], axis=1)
+    np.testing.assert_allclose(d_outer.norms, _expected(whole)[0], rtol=1e-5)
+    np.testing.assert_allclose(d_inner.norms, _expected((J[0] + J[1]) / 2)[0], rtol=1e-5)
