@@ -140,6 +140,32 @@ def test_groups_prescale_each_group_on_its_own():
     np.testing.assert_allclose(u["a"], ua["a"], rtol=1e-4, atol=1e-35)
 
 
+def test_prescale_at_the_edges_of_float32():
+    """Gradients whose largest entry is float32's smallest normal number (or a subnormal), or
+    near its largest: the pre-scale is an exact power of two whose inverse is finite too (XLA's
+    exp2 gave 0 for 2**-126 and the step was skipped), so the step is taken, with MGDA's
+    weights of the scaled problem."""
+    from mtlopt._src import tree
+
+    e = jnp.arange(-130.0, 130.0)
+    np.testing.assert_array_equal(tree.pow2(e, jnp.float32), np.exp2(np.clip(e, -125, 125)))
+    J = _rng(3).normal(size=(3, 20)).astype(np.float32)
+    J[1] = -0.6 * J[0] + 0.4 * J[1]
+    J /= np.abs(J).max()
+    tx = mtlopt.mgda(num_tasks=3)
+    step = jax.jit(jax.vmap(tx.update, in_axes=(0, None)))
+    # 2**-100: the Gramian underflows, the entries do not (the same weights); at 1.2e-38 and
+    # 1e-40 most entries are subnormal and the CPU flushes them (another problem: no skip).
+    tiny = [np.float32(2.0**-100), np.float32(1.1754944e-38), np.float32(1e-40)]
+    cases = np.stack([J] + [J * t for t in tiny] + [J * np.float32(3e38)])
+    u, s = step({"w": jnp.asarray(cases)}, tx.init({"w": jnp.zeros(20)}))
+    assert np.all(np.asarray(s.skipped) == 0)
+    w = np.asarray(mtlopt.task_weights(s))
+    np.testing.assert_allclose(w[1], w[0], rtol=1e-4)
+    np.testing.assert_allclose(w[4], w[0], rtol=1e-4)
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+
+
 def test_groups_errors():
     g = _tree(np.ones((2, 9), np.float32))
     from mtlopt._src import build

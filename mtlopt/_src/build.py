@@ -326,9 +326,10 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
                 continue
             # A power of two, so the scaling is exact; a NaN or inf input stays non-finite.
             big = tree.max_abs(flat).astype(dtype)
-            scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(big > 0, big, 1.0))))
-            ok = jnp.isfinite(scale)
-            inv = jnp.where(ok, 1.0 / jnp.where(ok, scale, 1.0), jnp.nan)
+            ok = jnp.isfinite(big)
+            e = jnp.ceil(jnp.log2(jnp.where(ok & (big > 0), big, 1.0)))
+            scale = tree.pow2(e, dtype)
+            inv = jnp.where(ok, tree.pow2(-e, dtype), jnp.nan)
             grams.append(jnp.where(fast[k], gram[k], fn(mats, inv)))
             scales.append(jnp.where(fast[k], one, jnp.where(ok, scale, one)))
         return jnp.stack(grams), jnp.stack(scales)
@@ -347,11 +348,12 @@ def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
     log_s = jnp.log2(jnp.abs(s)) + jnp.log2(gram_scale)
     log_n = log_s + 0.5 * jnp.log2(mag)
     top = jnp.max(jnp.where(jnp.isfinite(log_n), log_n, -jnp.inf))
-    e = jnp.where(jnp.isfinite(top), jnp.ceil(top), 0.0)
+    lim = -(int(jnp.finfo(gram.dtype).minexp) + 1)  # as tree.pow2 clips it
+    e = jnp.clip(jnp.where(jnp.isfinite(top), jnp.ceil(top), 0.0), -lim, lim)
     r = jnp.sign(s) * jnp.exp2(log_s - e)  # s * gram_scale / 2**e; 0 for s = 0; NaN for NaN
     rr = r[:, None] * r[None, :] if kind == "full" else r * r
     folded = gram * rr.reshape((1,) * (gram.ndim - rr.ndim) + rr.shape)
-    return folded, jnp.exp2(e).astype(gram.dtype)
+    return folded, tree.pow2(e, gram.dtype)
 
 
 def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, dtype) -> Any:

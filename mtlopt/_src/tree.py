@@ -560,6 +560,16 @@ def zeros_like_params(task_grads: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), task_grads)
 
 
+def pow2(e: jax.Array, dtype: Any) -> jax.Array:
+    """``2**e`` exactly, for an integer-valued ``e``, in ``dtype``; ``e`` is clipped to
+    ``[-(m - 1), m - 1]`` (``2**-m`` the smallest normal number: 125 for float32), so the result
+    and its inverse are both normal. (XLA's ``exp2`` is off by an ulp at most integers and gives
+    0 for ``2**-126`` on CPU, measured; ``ldexp`` builds the exponent bits.)"""
+    lim = -(int(jnp.finfo(dtype).minexp) + 1)
+    n = jnp.clip(jnp.where(jnp.isfinite(e), e, 0.0), -lim, lim).astype(jnp.int32)
+    return jnp.ldexp(jnp.ones((), dtype), n)
+
+
 def max_abs(task_grads: Any) -> jax.Array:
     """The largest absolute entry over all leaves, float32 (inf if any entry is).
 

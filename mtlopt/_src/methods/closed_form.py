@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from mtlopt._src import build, checks, solvers
+from mtlopt._src import build, checks, solvers, tree
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -512,7 +512,7 @@ def aligned_mtl_weights(
     top = jnp.max(jnp.diagonal(G))
     big = jnp.finfo(dtype).max * 2.0**-24
     exponent = jnp.where(top > big, jnp.ceil(jnp.log2(top / big)), 0.0)
-    G = G * jnp.exp2(-exponent)
+    G = G * tree.pow2(-exponent, dtype)
     G = 0.5 * (G + G.T)
     lam, V = _jacobi_eigh(G)
     # Each eigenpair against its own share of the diagonal (its tasks' squared norms): a small
