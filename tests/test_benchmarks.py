@@ -2,7 +2,8 @@
 
 Marked slow (92 s of the README command's run, mostly compiling): `.ci/run` runs them as a step
 of their own, `python -m pytest -q -m slow tests/test_benchmarks.py`, outside the 10-minute
-test command."""
+test command. One fast check (no training) stays in it: the MultiDigits runner has a row for
+every public method of mtlopt."""
 
 import os
 import subprocess
@@ -17,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(script, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # The scripts run at XLA's default optimization level (conftest lowers it for the suite).
+    flags = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
+    env["XLA_FLAGS"] = flags
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
         capture_output=True,
@@ -78,6 +82,13 @@ def test_one_pass_quick():
         line = next((s for s in out.splitlines() if s.startswith(f"| `{method}(")), None)
         assert line is not None, f"{method!r} missing from:\n{out}"
         assert line.count("n/a") == 0, line
+
+
+@pytest.mark.slow
+def test_donation_quick():
+    out = _run("donation.py")
+    for label in ["db_mtl(T)", "mean()", "cagrad()"]:
+        assert f"| `{label}` |" in out, f"{label!r} missing from:\n{out}"
 
 
 def _multidigits_module():
