@@ -7,19 +7,8 @@ import os
 import tempfile
 import time
 
-# The suite compiles hundreds of small XLA programs and runs each on tiny arrays: LLVM's
-# optimisation of the generated CPU code is most of the compile time and buys nothing here.
-# Measured on the contract and degenerate suites of cagrad, upgrad and nash_mtl (2 cores):
-# 88 s of CPU at the default level, 51 s at level 0. The numbers computed are the same
-# (XLA:CPU runs without fast-math at every level); benchmarks and the sharding check run in
-# subprocesses with the flags they were given (ORIGINAL_XLA_FLAGS). Set before jax starts its
-# backend (at the first computation).
-ORIGINAL_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-if "xla_backend_optimization_level" not in (ORIGINAL_XLA_FLAGS or ""):
-    os.environ["XLA_FLAGS"] = f"{ORIGINAL_XLA_FLAGS or ''} --xla_backend_optimization_level=0"
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Many tests build the same method with the same shapes: share their compilations through
 # JAX's persistent cache (a fresh directory per run unless MTLOPT_TEST_CACHE names one).

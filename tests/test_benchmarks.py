@@ -18,9 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(script, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    # The scripts run at XLA's default optimization level (conftest lowers it for the suite).
-    flags = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
-    env["XLA_FLAGS"] = flags
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
         capture_output=True,
