@@ -508,7 +508,9 @@ def aggregator(
         if given_mask is not None:  # rows of absent tasks may hold NaN: keep them out of sums
             shared = tree.select_tasks(mask, shared)
             heads = tree.select_tasks(mask, heads)
-        raw_shared = shared  # what with_diagnostics describes (before prepare and any scales)
+        # What with_diagnostics describes (before prepare and any scales): without prepare, the
+        # (T, C) matrices below, laid out once for both passes; with it, these as they came.
+        raw_shared = None
         if in_scales is not None:
             in_scales = lax.stop_gradient(in_scales.astype(cdt))
             ok_in &= jnp.all(jnp.isfinite(jnp.where(mask, in_scales, 0.0)))
@@ -537,6 +539,8 @@ def aggregator(
         handed = None
         out_dtypes = [x.dtype for x in shared]  # the update's, whatever prepare hands on
         if method.prepare is not None:
+            if capture is not None:
+                raw_shared = [tree.as_matrix(x) for x in shared]
             prepared = method.prepare(shared, ctx)
             shared, handed = prepared.grads, prepared.gram
             extras.update(prepared.state)
@@ -663,7 +667,7 @@ def aggregator(
         if capture is not None:
             if "raw_gram" not in box:  # one pass more, for the diagnostics alone
                 box["raw_gram"] = _pass_one(
-                    "full", [[tree.as_matrix(x) for x in raw_shared]], T, cdt
+                    "full", [shared if raw_shared is None else raw_shared], T, cdt
                 )
             capture["gramian"] = _summed(*box["raw_gram"])
 
