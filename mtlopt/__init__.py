@@ -167,3 +167,30 @@ from mtlopt._src.paths import by_path as by_path  # noqa: E402
 
 __all__ += ["AccumulateState", "accumulate", "by_path"]
 # --- end exports: flax_glue ---
+
+# --- exports: fair ---
+from mtlopt._src.methods.fair import FairGradState as FairGradState  # noqa: E402
+from mtlopt._src.methods.fair import PCDState as PCDState  # noqa: E402
+from mtlopt._src.methods.fair import fairgrad as fairgrad  # noqa: E402
+from mtlopt._src.methods.fair import pcd as pcd  # noqa: E402
+
+__all__ += ["FairGradState", "PCDState", "fairgrad", "pcd"]
+# --- end exports: fair ---
+
+# --- exports: stochastic ---
+from mtlopt._src.methods.stochastic import MoDoState as MoDoState  # noqa: E402
+from mtlopt._src.methods.stochastic import SDMGradState as SDMGradState  # noqa: E402
+from mtlopt._src.methods.stochastic import modo as modo  # noqa: E402
+from mtlopt._src.methods.stochastic import sdmgrad as sdmgrad  # noqa: E402
+
+__all__ += ["MoDoState", "SDMGradState", "modo", "sdmgrad"]
+# --- end exports: stochastic ---
+
+# --- exports: tracking ---
+from mtlopt._src.methods.tracking import ExcessMTLState as ExcessMTLState  # noqa: E402
+from mtlopt._src.methods.tracking import MoCoState as MoCoState  # noqa: E402
+from mtlopt._src.methods.tracking import excess_mtl as excess_mtl  # noqa: E402
+from mtlopt._src.methods.tracking import moco as moco  # noqa: E402
+
+__all__ += ["ExcessMTLState", "MoCoState", "excess_mtl", "moco"]
+# --- end exports: tracking ---

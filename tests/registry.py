@@ -484,6 +484,101 @@ ROWS += [
 # RLW's other distributions and its weights' law, dwa's window form: tests/test_loss_weighting.py.
 # --- end rows: rlw_dwa ---
 
+# --- rows: tracking ---
+ROWS += [
+    Row(
+        "moco",
+        lambda T, **k: mtlopt.moco(**_nt(T, k)),
+        needs_losses=True,  # the default tracks loss-normalised gradients (the authors' code)
+        needs_num_tasks=True,
+        # The tracked gradient is beta * l * g / (|g| + eps): its scale is l / |g|, not a
+        # function of the loss alone; only the direction is claimed.
+        t1_scale=None,
+        identical_scale=None,
+        scale_invariant_direction=False,  # eps added to the norms (LibMTL's 1e-8)
+        task_state=("tracked",),
+    ),
+    Row(
+        "excess_mtl",
+        lambda T, **k: mtlopt.excess_mtl(**_nt(T, k)),
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: 1.0,  # the first step's weights are uniform
+        # The estimates sum g^2 / sqrt(S + eps) elementwise: not a function of the Gramian.
+        gramian_only=False,
+        task_state=("sq_sum",),
+    ),
+]
+# The options (normalization="none", projection="softmax", warmup_steps, reduction="sum")
+# and the peers' updates over several steps: tests/test_tracking.py.
+# --- end rows: tracking ---
+
+# --- rows: fair ---
+ROWS += [
+    Row(
+        "fairgrad",
+        lambda T, **k: mtlopt.fairgrad(**_nt(T, k)),
+        # alpha = 1: the update sums unit-norm task gradients (Nash-MTL's system, unclipped):
+        # its scale is 1 / |g|, not a function of the losses; only the direction is claimed.
+        t1_scale=None,
+        identical_scale=None,
+        # Two exactly opposed tasks have no positive solution: the regularised one has weights
+        # ~ 1 / (|g| sqrt(ridge)), and the update is 0 up to the combination's rounding of
+        # those weights, ~1e-5 |g| (tests/test_fair.py checks the limit).
+        cancels_opposite=False,
+    ),
+    Row(
+        # alpha = 0.5: the weights scale as |g|^(-2/3), in float32's range for gradients of
+        # 1e-30 to 1e30 (alpha > 1 is not: its weights overflow for 1e-30, see Bad values).
+        "fairgrad_alpha05",
+        lambda T, **k: mtlopt.fairgrad(alpha=0.5, **_nt(T, k)),
+        method="fairgrad",
+        variant=True,
+        t1_scale=None,  # |d| = |g|^(1/3)
+        identical_scale=None,
+        cancels_opposite=False,
+    ),
+    Row(
+        "pcd",
+        lambda T, **k: mtlopt.pcd(**_nt(T, k)),
+        needs_num_tasks=True,
+        order_free=False,  # task 0 is the primary objective
+        identical_scale=lambda T, loss: 1.0,  # d~ = g~_0 satisfies every constraint: d = g
+        # g, -g: the secondary's guarantee gives d~ = -tau g~, rescaled to |g|: d = -g.
+        cancels_opposite=False,
+        # eps = 1e-8 in the normalisation 1 / sqrt(v + eps) dominates for tiny gradients (the
+        # scales become equal): the direction changes (tests/test_fair.py checks it against
+        # the float64 transcription).
+        scale_invariant_direction=False,
+    ),
+]
+# --- end rows: fair ---
+
+# --- rows: stochastic ---
+# The rows run the single-sample form (no second_sample: A = J J^T), as the shared suite's
+# task grads come in one sample; the double-sample form (the cross-Gramian of second_sample),
+# against a float64 transcription and TorchJD over several steps: tests/test_stochastic.py.
+ROWS += [
+    Row(
+        "sdmgrad",
+        lambda T, **k: mtlopt.sdmgrad(**_nt(T, k)),
+        needs_num_tasks=True,  # the state keeps the inner variable w
+        identical_scale=lambda T, loss: 1.0,  # weights on the simplex
+        task_state=("inner",),
+    ),
+    Row(
+        # MoDo's default (raw) rule steps lambda by gamma * A lambda: not homogeneous in the
+        # gradients, so 1e20-scaled grads put all the weight on one task (its limit, tested in
+        # tests/test_stochastic.py) and the contract's "huge gradients keep the direction of
+        # scale 1" cannot hold for it. The row runs normalize=True (A / s^2, scale-free).
+        "modo",
+        lambda T, **k: mtlopt.modo(normalize=True, **_nt(T, k)),
+        needs_num_tasks=True,  # the state keeps lambda
+        identical_scale=lambda T, loss: 1.0,
+        task_state=("lam",),
+    ),
+]
+# --- end rows: stochastic ---
+
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]
 # The heaviest tests (whole training runs) run every method once by default; the variants

@@ -66,6 +66,20 @@ from ``reuse`` and the non-finite policy checks the update (no Gramian proves th
 **Clipping** (``max_norm``): after step 8, the weights are scaled so that the shared update's
 norm, known from the Gramian, is at most ``max_norm`` (between refreshes: from the update).
 
+**Two independent samples** (``cross``: SDMGrad, MoDo): the method declares an optional
+``"task_grads"`` :class:`Signal` (a second, independent sample of the task grads, with the
+structure of the first) and names it in ``Method.cross``. Where a call passes it, pass 1
+computes the cross-Gramian ``A = J J2^T`` (``A[s, t] = <g_s, g2_t>``) of the main task grads
+with it instead of the Gramian, over the same shared leaves (heads excluded, masked rows of
+both zeroed, per group under ``groups=``), pre-scaled by one power of two for both samples
+where float32 over- or underflows (true ``A = ctx.gram * ctx.gram_scale**2``; incoming task
+scales are folded in as ``S A S``), and hands it in ``ctx.gram``: not symmetric, not
+positive semi-definite. The second sample is not checked for finiteness by a pass of its own: a
+finite ``A`` proves both samples' active rows finite. Pass 2 combines the main task grads only.
+Without the signal ``ctx.gram`` is the Gramian, as for any method (the single-sample form);
+``ctx.signals[name] is None`` tells the two apart at trace time. Not with ``prepare``,
+``gram_leaves`` or ``max_norm``.
+
 **Loss-only mode** (``loss_weighting=True``: mean, linear, DWA, UW, RLW, FAMO, GLS, ...; built
 with :func:`loss_weighting`, which also gives heads the same weights): the weights depend only
 on the losses (and the state, the signals), so ``update(None, state, task_losses=...)`` returns
@@ -190,6 +204,9 @@ class Method(NamedTuple):
         (a bool pytree or a callable, as ``task_specific``) marks True, e.g. GradNorm's last
         shared layer; pass 2 still combines every leaf, and the update is then checked for
         finiteness (the Gramian vouches only for the leaves it read). Not with ``groups=``.
+      cross: the name of a declared optional ``"task_grads"`` signal (a second independent
+        sample): where it is passed, ``ctx.gram`` is the cross-Gramian of the main task grads
+        with it (see the module notes, "Two independent samples").
     """
 
     name: str
@@ -211,6 +228,7 @@ class Method(NamedTuple):
     reuse: Callable[[Context], tuple[jax.Array, dict]] | None = None
     max_norm: Any = None
     gram_leaves: tuple[str, Any] | None = None
+    cross: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +355,74 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
     return lax.cond(jnp.all(fast), lambda _: (gram, ones), rescaled, None)
 
 
+def _cross_leaf(a: jax.Array, b: jax.Array, inv: jax.Array | None, dtype) -> jax.Array:
+    """``(T, C) x (T, C) -> (T, T)``: ``a b^T`` (of ``inv * a`` and ``inv * b`` with ``inv``), at
+    full precision in ``dtype``. On CPU large float32 leaves go through a loop of small dots
+    over column slices (one dot over 1e6 columns ran 4x slower there, measured at T = 10)."""
+
+    def dot(x, y):
+        if inv is not None:
+            x, y = x.astype(dtype) * inv, y.astype(dtype) * inv
+        elif x.dtype != y.dtype:
+            x, y = x.astype(dtype), y.astype(dtype)
+        dims = (((1,), (1,)), ((), ()))
+        return lax.dot_general(
+            x, y, dims, precision=lax.Precision.HIGHEST, preferred_element_type=dtype
+        )
+
+    step = tree._CHUNK_COLUMNS
+    n = a.shape[1] // step
+    if dtype == jnp.float64 or a.shape[1] <= tree._SMALL_LEAF:
+        return dot(a, b)
+
+    def loop(a, b):
+        def body(i, acc):
+            sl = lambda m: lax.dynamic_slice_in_dim(m, i * step, step, axis=1)
+            return acc + dot(sl(a), sl(b))
+
+        return lax.fori_loop(0, n, body, dot(a[:, n * step :], b[:, n * step :]))
+
+    return lax.platform_dependent(a, b, cpu=loop, default=dot)
+
+
+def _cross_pass(groups: list, seconds: list, T: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Pass 1 for ``Method.cross``: per group the cross-Gramian ``J J2^T`` ``(K, T, T)`` and its
+    scale ``(K,)`` (true ``A = gram * s**2``). As :func:`_pass_one`: where a group's result is
+    not finite or its largest entry is below ``_TINY_GRAM``, both samples are divided by one
+    power of two near their largest entry and the pass runs again for that group."""
+
+    def fn(mats, others, inv=None):
+        pairs = [(a, b) for a, b in zip(mats, others, strict=True) if a.shape[1] > 0]
+        if not pairs:
+            return jnp.zeros((T, T), dtype)
+        return sum(_cross_leaf(a, b, inv, dtype) for a, b in pairs).astype(dtype)
+
+    gram = jnp.stack([fn(m, o) for m, o in zip(groups, seconds, strict=True)])
+    one = jnp.ones((), dtype)
+    top = jnp.max(jnp.abs(gram), axis=(-2, -1))
+    fast = jnp.all(jnp.isfinite(gram), axis=(-2, -1)) & (top >= _TINY_GRAM)
+
+    def rescaled(_):
+        grams, scales = [], []
+        for k, (mats, others) in enumerate(zip(groups, seconds, strict=True)):
+            flat = [m for m in mats + others if m.shape[1] > 0]
+            if not flat:
+                grams.append(gram[k])
+                scales.append(one)
+                continue
+            big = tree.max_abs(flat).astype(dtype)
+            ok = jnp.isfinite(big)
+            e = jnp.ceil(jnp.log2(jnp.where(ok & (big > 0), big, 1.0)))
+            inv = jnp.where(ok, tree.pow2(-e, dtype), jnp.nan)
+            grams.append(jnp.where(fast[k], gram[k], fn(mats, others, inv)))
+            scales.append(jnp.where(fast[k] | ~ok, one, tree.pow2(e, dtype)))
+        return jnp.stack(grams), jnp.stack(scales)
+
+    return lax.cond(
+        jnp.all(fast), lambda _: (gram, jnp.ones((len(groups),), dtype)), rescaled, None
+    )
+
+
 def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
     """``S G S`` in the Gramian's pre-scaled units: ``(gram', gram_scale')`` with
     ``gram' * gram_scale'**2 == S (gram * gram_scale**2) S`` and the largest scaled norm near 1
@@ -407,7 +493,8 @@ def _inputs(method: Method, T: int, task_grads, task_losses, task_mask, extra: d
         s.name: _check_signal(name, s, extra.get(s.name), T, task_grads, dtype)
         for s in method.signals
     }
-    ok = _finite_signals(signals, mask)
+    # A second sample (Method.cross) is proven finite by its finite cross-Gramian instead.
+    ok = _finite_signals({k: v for k, v in signals.items() if k != method.cross}, mask)
     if losses is not None:
         ok &= jnp.all(jnp.isfinite(jnp.where(mask, losses, 0.0)))
     return losses, given_mask, mask, signals, ok
@@ -456,6 +543,16 @@ def aggregator(
     key_data = rng.key_data(name, 0 if seed is None else seed) if method.random else None
     fields = method.state_cls._fields
     reports = "weights" in fields and method.weights_fn is not None
+    if method.cross is not None:
+        declared = [s for s in method.signals if s.name == method.cross]
+        if not declared or declared[0].kind != "task_grads" or declared[0].required:
+            raise checks.fail(
+                name, f"cross={method.cross!r} must name an optional task_grads signal."
+            )
+        if method.gram != "full" or method.prepare or method.gram_leaves or method.max_norm:
+            raise checks.fail(
+                name, "cross is not for prepare, gram_leaves, max_norm or gram != 'full'."
+            )
 
     def init_fn(params):
         extras: dict = {}
@@ -564,6 +661,17 @@ def aggregator(
             partial = not all(read)
             by_group = [[m for m, r in zip(shared, read, strict=True) if r]]
             handed = None  # prepare's norms (if any) cover every leaf
+        second = None  # the second sample's shared matrices, by group (Method.cross)
+        if method.cross is not None and not loss_only and signals[method.cross] is not None:
+            other = jax.tree.leaves(signals[method.cross])
+            other = [x for x, h in zip(other, layout.heads, strict=True) if not h]
+            if given_mask is not None:
+                other = tree.select_tasks(mask, other)
+            other = [tree.as_matrix(x) for x in other]
+            second = [
+                [m for m, g in zip(other, layout.group, strict=True) if g == k]
+                for k in range(K or 1)
+            ]
 
         # The weights are constants of the update: nothing upstream of them is differentiated
         # (a solver loop could not be reverse-differentiated anyway).
@@ -573,7 +681,9 @@ def aggregator(
             """Pass 1 and the weights: ``(w, extras, ok, clip)``, ``clip`` the factor of
             ``max_norm`` (1 without it)."""
             if method.gram is not None:
-                if handed is not None and K is None:
+                if second is not None:
+                    gram, gscale = _cross_pass(by_group, second, T, cdt)
+                elif handed is not None and K is None:
                     gram, gscale = _handed(method.gram, handed.astype(cdt), by_group, T, cdt)
                 else:
                     gram, gscale = _pass_one(method.gram, by_group, T, cdt)
@@ -600,6 +710,7 @@ def aggregator(
         # The Gramian of pass 1 is that of the task grads as they came (what with_diagnostics
         # reports) unless prepare replaced them or pass 1 read only some leaves.
         raw_gram = method.gram == "full" and method.prepare is None and not partial
+        raw_gram = raw_gram and second is None
         box: dict = {}
         clipped = method.max_norm is not None and not (
             checks.concrete(method.max_norm) and float(np.asarray(method.max_norm)) == 0.0

@@ -1167,3 +1167,294 @@ def bargaining(
     b = jnp.where(active, out.b, 0.0)
     info = BargainingInfo(out.k, jnp.max(jnp.abs(out.r)), out.near, sigma)
     return b, info
+
+
+# --- solvers: fair ---
+class FairInfo(NamedTuple):
+    """What a FairGrad solve reports (see :func:`fair`): ``num_steps`` (Newton steps),
+    ``residual`` (``max_t |(A w)_t w_t^p - 1|`` over the active tasks), ``converged`` (the stop
+    test held: the residual within ``tol`` plus its rounding) and ``ridge`` (the regularisation
+    ``sigma`` used, 0 for a positive definite cosine matrix)."""
+
+    num_steps: jax.Array
+    residual: jax.Array
+    converged: jax.Array
+    ridge: jax.Array
+
+
+# Step lengths tried along the Newton direction away from its quadratic region: 1/256 to 4096.
+_FAIR_STEPS = tuple(2.0 ** (k / 2) for k in range(-16, 25))
+# Fractions of the step to the boundary of the positive orthant also tried.
+_FAIR_EDGE = (0.5, 0.9, 0.99)
+
+
+def _relative_power_change(x: jax.Array, p: jax.Array) -> jax.Array:
+    """``((1 + x)^(1 - p) - 1) / (1 - p)`` (``log(1 + x)`` at ``p = 1``), for ``x > -1``: the
+    change of ``h(w) = w^(1-p) / (1-p)`` from ``w`` to ``w (1 + x)``, in units of ``w^(1-p)``."""
+    e = 1.0 - p
+    l1 = jnp.log1p(x)
+    small = jnp.abs(e) < 1e-30
+    return jnp.where(small, l1, jnp.expm1(e * l1) / jnp.where(small, 1.0, e))
+
+
+def fair(
+    G: jax.Array,
+    w0: jax.Array,
+    active: jax.Array,
+    p: jax.Array,
+    *,
+    sigma: jax.Array,
+    tol: float,
+    max_iters: int,
+    patience: int = 3,
+) -> tuple[jax.Array, FairInfo]:
+    """Solves ``(A w)_t = w_t^(-p)``, ``w > 0``, over the active tasks, ``A = G + sigma D``
+    (``D`` the diagonal of ``G``; ``sigma`` from :func:`_bargaining_ridge` on the cosines, 0
+    where ``G`` is safely positive definite): FairGrad's alpha-fair weights, ``p = 1/alpha``
+    (``p = 1`` is Nash-MTL's system, :func:`bargaining`).
+
+    It is the stationarity condition of the strictly convex
+    ``f(w) = 0.5 w^T A w - sum_t h(w_t)``, ``h(w) = w^(1-p) / (1-p)`` (``log w`` at ``p = 1``),
+    whose minimiser exists iff no non-negative ``v != 0`` has ``v^T A v = 0``. Method: damped
+    Newton in relative steps ``w <- w (1 + t q)``, ``(W A W + p diag(w^(1-p))) q = -w^(1-p) r``
+    (``r = w^p (A w) - 1``, the residual; equilibrated, Cholesky): the full step where the
+    Newton decrement ``lambda = sqrt(-(w^(1-p) r)^T q)`` is at most 1/4, elsewhere the step of
+    least ``f`` among ``t`` in ``_FAIR_STEPS`` and ``1 / (1 + lambda)`` (f's change computed
+    in closed form along the line, without cancellation). Newton is invariant under the
+    per-task scaling of ``w``, so tasks of very different norms converge alike.
+
+    Start: ``w0``'s positive finite entries (a warm start), elsewhere the solution for
+    orthogonal tasks ``G_tt^(-1/(1+p))``; a start with any such cold entry is rescaled by its
+    best factor ``s^(1+p) = sum_t w_t^(1-p) / (w^T A w)`` (exact for one task, for identical
+    and for orthogonal tasks of equal norms).
+
+    Stop: ``max |r| <= tol``; or every ``|r_t|`` within ``tol`` plus its rounding
+    (``4 eps w_t^p (|A| w)_t``) and the last step no longer halving ``max |r|``; or
+    ``patience`` steps in a row without halving the best residual nor lowering ``f``; or
+    ``max_iters``. Returns ``w`` (0 off the active tasks) and a :class:`FairInfo`.
+    """
+    T = G.shape[0]
+    dtype = G.dtype
+    eps = jnp.finfo(dtype).eps
+    p = jnp.asarray(p).astype(dtype)
+    sigma = jnp.asarray(sigma).astype(dtype)
+    on = active.astype(dtype)
+    both = active[:, None] & active[None, :]
+    eye = jnp.eye(T, dtype=dtype)
+    diag = jnp.where(active, jnp.diagonal(G), 1.0)
+    A_act = jnp.where(both, G, 0.0) + jnp.diag(sigma * diag * on)
+    A = A_act + jnp.diag(1.0 - on)  # inactive tasks: identity rows, w = 1 (r = 0)
+    A_abs = jnp.abs(A)
+    A_act_abs = jnp.abs(A_act)
+    steps = jnp.asarray(_FAIR_STEPS, dtype)
+
+    def pw(x, e):  # x^e for x > 0
+        return jnp.exp(e * jnp.log(x))
+
+    def residual(w, ulps=_ULPS):
+        Aw = _mv(A, w)
+        wp = pw(w, p)
+        r = jnp.where(active, wp * Aw - 1.0, 0.0)
+        allow = ulps * eps * wp * _mv(A_abs, w)
+        rmax = jnp.max(jnp.abs(r))
+        return r, rmax <= tol, jnp.all(jnp.abs(r) <= tol + allow), rmax
+
+    def cond(c):
+        done = c.strict | (c.near & ~c.gain) | (c.stall >= patience)
+        return ~done & (c.k < max_iters) & jnp.all(jnp.isfinite(c.b))
+
+    def body(c):
+        w, r = c.b, c.r
+        u = jnp.where(active, pw(w, 1.0 - p), 1.0)
+        Aw = _mv(A, w)
+        M = w[:, None] * A * w[None, :] + jnp.diag(jnp.where(active, p * u, 1.0))
+        dm = jnp.sqrt(jnp.diagonal(M))
+        Mn = M / (dm[:, None] * dm[None, :]) + (4.0 * T * eps) * eye
+        L = jnp.linalg.cholesky(Mn)
+        ur = u * r
+        q = -jax.scipy.linalg.cho_solve((L, True), ur / dm) / dm
+        q = jnp.where(jnp.all(jnp.isfinite(q)), q, -ur / jnp.diagonal(M))
+        q = jnp.where(active, q, 0.0)
+        lam = jnp.sqrt(jnp.maximum(-_vv(ur, q), 0.0))
+        d = w * q
+        g1 = _vv(jnp.where(active, Aw, 0.0), d)
+        g2 = _vv(d, _mv(A_act, d))
+
+        def change(t):
+            x = t * q
+            inside = jnp.all(x > -1.0)
+            hs = jnp.sum(
+                jnp.where(active, u * _relative_power_change(jnp.where(x > -1, x, 0.0), p), 0.0)
+            )
+            val = t * g1 + 0.5 * t * t * g2 - hs
+            return jnp.where(inside & jnp.isfinite(val), val, jnp.inf)
+
+        # The steps to the positive orthant's boundary's neighbourhood: where w must fall by
+        # orders of magnitude (a steep w^(-p)), the fixed steps all leave the orthant.
+        reach = 1.0 / jnp.maximum(jnp.max(jnp.where(active, -q, 0.0)), eps)
+        near_edge = reach * jnp.asarray(_FAIR_EDGE, dtype)
+        ts = jnp.concatenate([(1.0 / (1.0 + lam))[None], near_edge, steps])
+        vals = jax.vmap(change)(ts)
+        i = jnp.argmin(vals)
+        full = (lam <= 0.25) & jnp.all(q > -1.0)
+        # No step lowers f (every value infinite): stay (the stall count ends the loop).
+        t = jnp.where(full, 1.0, jnp.where(jnp.isfinite(vals[i]), ts[i], 0.0))
+        w_new = jnp.where(active, w * (1.0 + t * q), 1.0)
+        drop = jnp.where(full, change(jnp.ones((), dtype)), jnp.minimum(vals[i], 0.0))
+        r_new, strict, near, rmax = residual(w_new)
+        gain = rmax <= 0.5 * jnp.max(jnp.abs(r))
+        slack = _ULPS * eps * (_vv(w, _mv(A_act_abs, w)) + jnp.sum(jnp.where(active, u, 0.0)))
+        progress = (rmax <= 0.5 * c.best) | (drop < -slack)
+        return _NashCarry(
+            w_new,
+            r_new,
+            strict,
+            near,
+            gain,
+            c.k + 1,
+            jnp.where(progress, 0, c.stall + 1),
+            jnp.minimum(c.best, rmax),
+        )
+
+    w0 = jnp.asarray(w0).astype(dtype)
+    warm = active & (w0 > 0) & jnp.isfinite(w0)
+    cold = pw(diag, -1.0 / (1.0 + p))
+    w = jnp.where(active, jnp.where(warm, w0, cold), 1.0)
+    # Best factor s of a cold start: s^(1+p) = sum w^(1-p) / w^T A w (in logs: no overflow).
+    Q = _vv(jnp.where(active, w, 0.0), _mv(A_act, jnp.where(active, w, 0.0)))
+    H = jnp.sum(jnp.where(active, pw(w, 1.0 - p), 0.0))
+    good = (Q > 0) & jnp.isfinite(Q) & (H > 0) & jnp.isfinite(H)
+    log_s = (jnp.log(jnp.where(good, H, 1.0)) - jnp.log(jnp.where(good, Q, 1.0))) / (1.0 + p)
+    s = jnp.where(good & ~jnp.all(warm | ~active), jnp.exp(log_s), 1.0)
+    w = jnp.where(active, s * w, 1.0)
+    r, strict, near, rmax = residual(w, 4.0 * _ULPS)
+    zero = jnp.zeros((), jnp.int32)
+    carry = _NashCarry(w, r, strict, near, jnp.asarray(False), zero, zero, rmax)
+    out = lax.while_loop(cond, body, carry)
+    w = jnp.where(active, out.b, 0.0)
+    info = FairInfo(out.k, jnp.max(jnp.abs(out.r)), out.near, sigma)
+    return w, info
+
+
+class PriorityInfo(NamedTuple):
+    """What a PCD solve reports (see :func:`priority_qp`): ``num_steps`` (active-set steps),
+    ``violation`` (the largest constraint violation left, in units of the largest squared norm
+    of the Gramian), ``feasible`` (False where the constraints cannot all hold: the weights are
+    then the primary task's alone)."""
+
+    num_steps: jax.Array
+    violation: jax.Array
+    feasible: jax.Array
+
+
+class _QPCarry(NamedTuple):
+    mu: jax.Array  # (n,) the multipliers of the secondary constraints
+    active: jax.Array  # (n,) bool: the working set
+    p: jax.Array  # the constraint being added
+    slack_p: jax.Array
+    inner: jax.Array  # adding p (possibly after drops) is under way
+    done: jax.Array
+    infeasible: jax.Array
+    k: jax.Array
+
+
+def priority_qp(
+    G: jax.Array,
+    tau: jax.Array,
+    live: jax.Array,
+    *,
+    tol: float,
+    dependence_tol: float,
+    max_iters: int,
+) -> tuple[jax.Array, PriorityInfo]:
+    """PCD's quadratic program on the Gramian ``G`` of ``g_0, ..., g_n`` (row 0 the primary):
+
+    ``min_d 0.5 |d - g_0|^2  s.t.  g_j^T d >= tau_j |g_j|^2`` for the live ``j >= 1``.
+
+    Returns ``w = [1, mu_1, ..., mu_n]`` with ``d = sum_i w_i g_i`` (``mu`` the KKT multipliers,
+    0 off the live constraints), or ``[1, 0, ..., 0]`` where the constraints are infeasible.
+
+    Method: the dual active-set method of Goldfarb & Idnani (1983) for an identity Hessian, in
+    Gramian terms (stationarity ``d = g_0 + sum_j mu_j g_j`` holds throughout): each step adds
+    the most violated constraint ``p`` (slack ``(G_s mu - b)_p < -tol max_i G_ii``,
+    ``b_j = tau_j G_jj - G_j0``) by a step along ``z = g_p - sum_A r_j g_j`` (``G_AA r =
+    G_Ap``), or, where an active multiplier would turn negative first, drops that constraint
+    and tries again. ``g_p`` counts as a combination of the active gradients when ``|z|^2 <=
+    dependence_tol G_pp``; then, with no multiplier to drop, the constraints are infeasible.
+    Exact (finitely many steps in exact arithmetic, about n in practice); one
+    ``lax.while_loop`` of at most ``max_iters`` steps (each a ``T x T`` solve), the guard
+    against cycling under rounding (the iterate is then returned).
+    """
+    T = G.shape[0]
+    dtype = G.dtype
+    n = T - 1
+    e0 = jnp.zeros((T,), dtype).at[0].set(1.0)
+    if n == 0:
+        z = jnp.zeros((), dtype)
+        return e0, PriorityInfo(jnp.zeros((), jnp.int32), z, jnp.array(True))
+    Gs = G[1:, 1:]
+    live = live[1:]
+    b = jnp.where(live, tau * jnp.diagonal(Gs) - G[1:, 0], 0.0)
+    atol = tol * jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(dtype).tiny)
+    idx = jnp.arange(n, dtype=jnp.int32)
+
+    def slacks_of(mu, active):
+        s = _mv(Gs, mu) - b
+        return jnp.where(active | ~live, 0.0, s)
+
+    def cond(c):
+        return ~c.done & (c.k < max_iters)
+
+    def body(c):
+        s = slacks_of(c.mu, c.active)
+        p_new = jnp.argmin(s)
+        violated = s[p_new] < -atol
+        p = jnp.where(c.inner, c.p, p_new.astype(jnp.int32))
+        slack_p = jnp.where(c.inner, c.slack_p, s[p_new])
+        finished = ~c.inner & ~violated
+        A = c.active
+        AA = A[:, None] & A[None, :]
+        M = jnp.where(AA, Gs, 0.0) + jnp.diag(jnp.where(A, 0.0, 1.0))
+        col = jnp.where(A, Gs[:, p], 0.0)
+        r = jnp.where(A, jnp.linalg.solve(M, col), 0.0)
+        z = Gs[p, p] - _vv(Gs[p], r)
+        ratios = jnp.where(A & (r > 0), c.mu / jnp.where(r > 0, r, 1.0), jnp.inf)
+        kk = jnp.argmin(ratios).astype(jnp.int32)
+        partial = ratios[kk]
+        independent = z > dependence_tol * Gs[p, p]
+        full = jnp.where(independent, -slack_p / jnp.where(independent, z, 1.0), jnp.inf)
+        step = jnp.minimum(partial, full)
+        infeasible = ~jnp.isfinite(step)
+        step = jnp.where(infeasible, 0.0, step)
+        mu = c.mu - step * r
+        mu = mu + jnp.where(idx == p, step, 0.0)
+        add = full <= partial
+        active = jnp.where(add, A | (idx == p), A & (idx != kk))
+        mu = jnp.where(add | (idx != kk), mu, 0.0)
+        slack_next = _vv(Gs[p], mu) - b[p]
+        new = _QPCarry(mu, active, p, slack_next, ~add, infeasible, infeasible, c.k + 1)
+        keep = c._replace(done=jnp.array(True))
+        return jax.tree.map(lambda x, y: jnp.where(finished, x, y), keep, new)
+
+    zero = jnp.zeros((), jnp.int32)
+    carry = _QPCarry(
+        jnp.zeros((n,), dtype),
+        jnp.zeros((n,), bool),
+        zero,
+        jnp.zeros((), dtype),
+        jnp.array(False),
+        jnp.array(False),
+        jnp.array(False),
+        zero,
+    )
+    out = lax.while_loop(cond, body, carry)
+    mu = jnp.where(live, jnp.maximum(out.mu, 0.0), 0.0)
+    w = jnp.concatenate([jnp.ones((1,), dtype), mu])
+    w = jnp.where(out.infeasible, e0, w)
+    s = jnp.where(live, _mv(Gs, mu) - b, 0.0)
+    scale = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(dtype).tiny)
+    violation = jnp.where(out.infeasible, 0.0, jnp.maximum(-jnp.min(s), 0.0) / scale)
+    return w, PriorityInfo(out.k, violation, ~out.infeasible)
+
+
+# --- end solvers: fair ---
