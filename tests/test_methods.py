@@ -306,9 +306,10 @@ def test_pcgrad_vmap_over_keys():
         tx = mtlopt.pcgrad(seed=key)
         return tx.update(J, tx.init(jnp.zeros(6)))[0]
 
-    out = jax.vmap(run)(keys)
+    out = jax.jit(jax.vmap(run))(keys)
+    one = jax.jit(run)
     for i in range(3):
-        np.testing.assert_allclose(out[i], run(keys[i]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[i], one(keys[i]), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- DB-MTL and log_transform
@@ -337,7 +338,7 @@ def test_log_transform_chains_in_front_of_any_method():
     tx = optax.chain(mtlopt.log_transform(), mtlopt.cagrad())
     state = tx.init(jnp.zeros(4))
     with jax.numpy_dtype_promotion("standard"):
-        u, _ = tx.update(jnp.asarray(J), state, task_losses=losses)
+        u, _ = jax.jit(tx.update)(jnp.asarray(J), state, task_losses=losses)
     ref, _ = _update(mtlopt.cagrad(), J / (np.asarray(losses)[:, None] + 1e-8))
     np.testing.assert_allclose(u, ref, rtol=1e-4, atol=1e-5)
 
@@ -482,8 +483,9 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
     leaves = [jnp.asarray(rng.normal(size=(T, *s)), dtype) for s in sizes]
     M = np.concatenate([np.asarray(x, np.float64).reshape(T, -1) for x in leaves], axis=1)
     mats = [tr.as_matrix(x) for x in leaves]
-    for scale in (None, jnp.float32(0.25)):
-        ref = (M @ M.T) * (1.0 if scale is None else 0.0625)
+
+    @jax.jit  # every formulation in one program (eagerly, each loop step compiles on its own)
+    def all_forms(mats, leaves, scale):
         forms = {
             "outer": tr._cpu_gramian(mats, scale, outer=True, small_leaf=0, use_native=False),
             "dot loop": tr._cpu_gramian(mats, scale, outer=False, small_leaf=0, use_native=False),
@@ -496,7 +498,11 @@ def test_every_gramian_formulation_matches_float64(T, dtype):
             forms["native, outer"] = tr._cpu_gramian(
                 mats, scale, outer=True, small_leaf=0, use_native=True
             )
-        for name, got in forms.items():
+        return forms
+
+    for scale in (None, jnp.float32(0.25)):
+        ref = (M @ M.T) * (1.0 if scale is None else 0.0625)
+        for name, got in all_forms(mats, leaves, scale).items():
             assert got.dtype == jnp.float32, name
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3, err_msg=name)
 

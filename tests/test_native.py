@@ -115,46 +115,55 @@ def test_kernel_gramian_differentiates_like_the_pure_one():
                 np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def _run_method(row, J, monkeypatch, enabled: str):
+def _run_method(row, Js, monkeypatch, enabled: str):
+    """Two steps of ``row``'s method on each stacked problem ``Js[c]``, all cases in one vmapped
+    program (one compile per setting of the kernel, not one per case)."""
     monkeypatch.setenv(native.NATIVE_ENV, enabled)
-    T = J.shape[0]
+    C, T = Js.shape[:2]
     tx = row.make(T)
-    state = tx.init(jnp.zeros(J.shape[1:]))
+    state = tx.init(jnp.zeros(Js.shape[2:]))
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (C, *jnp.shape(x))), state)
     kw = {"task_losses": jnp.linspace(1.0, 2.0, T)} if row.needs_losses else {}
     kw.update(dict(row.signals))
-    update = jax.jit(lambda g, s: tx.update(g, s, **kw))
+
+    update = jax.jit(jax.vmap(lambda g, s: tx.update(g, s, **kw)))
     outs = []
     for _ in range(2):  # a second step, from the first's state (warm starts, EMAs)
-        u, state = update(J, state)
-        outs.append(np.asarray(u))
-    return outs, mtlopt.task_weights(state)
+        u, state = update(Js, state)
+        outs.append(u)
+    weights = [mtlopt.task_weights(jax.tree.map(lambda x, c=c: x[c], state)) for c in range(C)]
+    return [np.asarray(u) for u in outs], weights
+
+
+CASES = ("normal", "huge", "nan")
 
 
 @needs_kernel
 @pytest.mark.parametrize("row", AGGREGATORS, ids=repr)
-@pytest.mark.parametrize("case", ["normal", "huge", "nan"])
-def test_every_method_agrees_with_and_without_the_kernel(row, case, monkeypatch):
+def test_every_method_agrees_with_and_without_the_kernel(row, monkeypatch):
     # A leaf past the one-dot limit takes the kernel. "huge" rows overflow float32 products and
-    # take the rescaled pass (the kernel's scale argument); "nan" must skip the step.
+    # take the rescaled pass (the kernel's scale argument); "nan" must skip the step. The three
+    # cases run under one vmap (the kernel's batching rule is then exercised too).
     rng = np.random.default_rng(5)
     T, P = 4, 3 * tr._SMALL_LEAF + 5
     J = rng.standard_normal((T, P)).astype(np.float32)
     J[1] *= -0.3
-    if case == "huge":
-        J *= np.float32(1e25)
-    if case == "nan":
-        J[2, P - 2] = np.nan
-    J = jnp.asarray(J)
-    with_kernel, w_kernel = _run_method(row, J, monkeypatch, "1")
-    without, w_pure = _run_method(row, J, monkeypatch, "0")
-    for a, b in zip(with_kernel, without, strict=True):
-        assert np.isfinite(a).all()
-        scale = np.abs(b).max() if case != "nan" else 1.0
-        np.testing.assert_allclose(a / scale, b / scale, rtol=1e-4, atol=1e-5)
-    if case == "nan":
-        np.testing.assert_array_equal(with_kernel[0], 0.0)
-    if w_kernel is not None:
-        np.testing.assert_allclose(w_kernel, w_pure, rtol=1e-4, atol=1e-5)
+    huge = J * np.float32(1e25)
+    nan = J.copy()
+    nan[2, P - 2] = np.nan
+    Js = jnp.asarray(np.stack([J, huge, nan]))
+    with_kernel, w_kernel = _run_method(row, Js, monkeypatch, "1")
+    without, w_pure = _run_method(row, Js, monkeypatch, "0")
+    for c, case in enumerate(CASES):
+        for a, b in zip(with_kernel, without, strict=True):
+            a, b = a[c], b[c]
+            assert np.isfinite(a).all(), case
+            scale = np.abs(b).max() if case != "nan" else 1.0
+            np.testing.assert_allclose(a / scale, b / scale, rtol=1e-4, atol=1e-5, err_msg=case)
+        if case == "nan":
+            np.testing.assert_array_equal(with_kernel[0][c], 0.0)
+        if w_kernel[c] is not None:
+            np.testing.assert_allclose(w_kernel[c], w_pure[c], rtol=1e-4, atol=1e-5, err_msg=case)
 
 
 def test_native_env_is_checked(monkeypatch):

@@ -74,16 +74,6 @@ def test_trimmed_mean_per_coordinate_masks_heads_and_nan():
 # ------------------------------------------------------------------ per-group Gramians
 
 
-def _leafwise(make, g, **kw):
-    """The method run on each leaf alone: the reference for groups="leaf"."""
-    out = {}
-    for k, x in g.items():
-        tx = make()
-        u, _ = jax.jit(tx.update)({k: x}, tx.init({k: x[0]}), **kw)
-        out[k] = u[k]
-    return out
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -101,25 +91,39 @@ def test_groups_solve_each_group_alone_in_one_batched_call(make):
     losses = jnp.array([1.0, 2.0, 0.5])
     extra = {"task_losses": losses}
     grouped = make(groups="leaf")
-    u, s = jax.jit(grouped.update)(g, grouped.init(_params(g)), **extra)
+    variants = {
+        "leaf": grouped,
+        # The same groups as a pytree of ids and as a callable on the params' shapes.
+        "ids": make(groups={"a": "x", "b": "y"}),
+        "callable": make(groups=lambda p: {"a": 0, "b": p["b"].shape[0]}),
+        "one group": make(groups={"a": 0, "b": 0}),  # one group is the whole model
+        "plain": make(),
+        # The reference for groups="leaf": the method run on each leaf alone.
+        "a alone": make(),
+        "b alone": make(),
+    }
+
+    @jax.jit  # every variant in one program
+    def run_all(g):
+        out = {}
+        for name, tx in variants.items():
+            sub = {name[0]: g[name[0]]} if name.endswith("alone") else g
+            out[name] = tx.update(sub, tx.init(_params(sub)), **extra)
+        return out
+
+    out = run_all(g)
+    u, s = out["leaf"]
     w = mtlopt.task_weights(s)
     assert w.shape == (2, 3)
-    if "PCGrad" not in type(s).__name__:  # (pcgrad draws its orders per group from one key)
-        ref = _leafwise(make, g, **extra)
+    pcgrad = "PCGrad" in type(s).__name__  # (pcgrad draws its orders per group from one key)
+    if not pcgrad:
         for k in g:
-            np.testing.assert_allclose(u[k], ref[k], rtol=2e-4, atol=1e-5)
-    # The same groups as a pytree of ids and as a callable on the params' shapes.
-    for spec in ({"a": "x", "b": "y"}, lambda p: {"a": 0, "b": p["b"].shape[0]}):
-        tx = make(groups=spec)
-        u2, _ = jax.jit(tx.update)(g, tx.init(_params(g)), **extra)
-        chex.assert_trees_all_close(u2, u, rtol=1e-6, atol=1e-7)
-    # One group is the whole model.
-    one = make(groups={"a": 0, "b": 0})
-    u1, s1 = jax.jit(one.update)(g, one.init(_params(g)), **extra)
-    plain = make()
-    u0, _ = jax.jit(plain.update)(g, plain.init(_params(g)), **extra)
-    if "PCGrad" not in type(s).__name__:
-        chex.assert_trees_all_close(u1, u0, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(u[k], out[f"{k} alone"][0][k], rtol=2e-4, atol=1e-5)
+    for name in ("ids", "callable"):
+        chex.assert_trees_all_close(out[name][0], u, rtol=1e-6, atol=1e-7)
+    u1, s1 = out["one group"]
+    if not pcgrad:
+        chex.assert_trees_all_close(u1, out["plain"][0], rtol=1e-5, atol=1e-6)
     assert mtlopt.task_weights(s1).shape == (1, 3)
     # One solver loop for all groups, not one per group.
     jaxpr = str(jax.make_jaxpr(lambda g: grouped.update(g, grouped.init(_params(g)), **extra))(g))
@@ -387,11 +391,17 @@ def _outer_vjp_check(tx, g, state, extra, factor=1.0):
     """The update's VJP with respect to the task grads is the outer product of the weights with
     the cotangent: the weights are constants (a missing stop_gradient adds terms). ``factor``:
     what each task's row is multiplied by before the weighting (DB-MTL's first EMA step)."""
-    _, new = tx.update(g, state, **extra)
-    fn = lambda g: tx.update(g, state, **extra)[0]
-    out, pullback = jax.vjp(fn, g)
-    cot = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, out)
-    (grad,) = pullback(cot)
+
+    @jax.jit  # one program (eagerly, every op of the update and its VJP compiles on its own)
+    def check(g, state):
+        _, new = tx.update(g, state, **extra)
+        fn = lambda g: tx.update(g, state, **extra)[0]
+        out, pullback = jax.vjp(fn, g)
+        cot = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, out)
+        (grad,) = pullback(cot)
+        return grad, cot, new
+
+    grad, cot, new = check(g, state)
     w = mtlopt.task_weights(new) * factor
     want = jax.tree.map(lambda c: w.reshape((-1,) + (1,) * c.ndim) * c[None], cot)
     chex.assert_trees_all_close(grad, want, rtol=1e-5, atol=1e-6)

@@ -330,13 +330,19 @@ def test_groups_and_half_batch_recipe():
         per_example = (x @ p["W"] - y) ** 2  # (B, T)
         return per_example.reshape(2, -1, T).mean(axis=1).reshape(2 * T)
 
-    _, J = mtlopt.task_value_and_grad(half_losses)(params, x, y)
-    first = jax.tree.map(lambda g: g[:T], J)
-    second = jax.tree.map(lambda g: g[T:], J)
     tx = mtlopt.modo(gamma=0.1, num_tasks=T)
-    _, st = tx.update(first, tx.init(params), params, second_sample=second)
+
+    @jax.jit
+    def recipe(params, x, y):
+        _, J = mtlopt.task_value_and_grad(half_losses)(params, x, y)
+        first = jax.tree.map(lambda g: g[:T], J)
+        second = jax.tree.map(lambda g: g[T:], J)
+        return tx.update(first, tx.init(params), params, second_sample=second)[1]
+
+    st = recipe(params, x, y)
     loss = lambda p, x, y: jnp.mean((x @ p["W"] - y) ** 2, axis=0)
-    g = [jax.jacrev(loss)(params, x[h * 4 : h * 4 + 4], y[h * 4 : h * 4 + 4]) for h in (0, 1)]
+    by_half = jax.jit(lambda p, x, y: jax.jacrev(loss)(p, x, y))
+    g = [by_half(params, x[h * 4 : h * 4 + 4], y[h * 4 : h * 4 + 4]) for h in (0, 1)]
     j1, j2 = (np.moveaxis(np.asarray(x["W"], float), -1, 0).reshape(T, -1) for x in g)
     want = ref_modo([(j1, j2)], T, 0.1)[0]
     np.testing.assert_allclose(mtlopt.task_weights(st), want, rtol=1e-5, atol=1e-6)
