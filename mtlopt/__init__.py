@@ -194,3 +194,11 @@ from mtlopt._src.methods.tracking import moco as moco  # noqa: E402
 
 __all__ += ["ExcessMTLState", "MoCoState", "excess_mtl", "moco"]
 # --- end exports: tracking ---
+
+# --- exports: modifiers ---
+from mtlopt._src.modifiers import SmoothWeightsState as SmoothWeightsState  # noqa: E402
+from mtlopt._src.modifiers import refresh_weights as refresh_weights  # noqa: E402
+from mtlopt._src.modifiers import smooth_weights as smooth_weights  # noqa: E402
+
+__all__ += ["SmoothWeightsState", "refresh_weights", "smooth_weights"]
+# --- end exports: modifiers ---

@@ -71,6 +71,10 @@ class Row:
     # checkpoints, donation, apply_if_finite, memory, sharding, large leaves); "" = none. Those
     # tests run every other aggregator with -m slow.
     representative: str = ""
+    # A weight modifier around the method (mtlopt.smooth_weights, ...): its name. Its own
+    # errors carry it, and it raises for a method built without num_tasks at init, not at
+    # construction (it cannot see the method's arguments).
+    wrapper: str = ""
 
     def __post_init__(self):
         if not self.method:
@@ -578,6 +582,33 @@ ROWS += [
     ),
 ]
 # --- end rows: stochastic ---
+
+# --- rows: modifiers ---
+# The weight modifiers wrap a method: their rows make the wrapped method whole (num_tasks is
+# required: the modifiers read and keep the stored weights; without it init raises).
+ROWS += [
+    Row(
+        "smooth_upgrad",
+        lambda T, **k: mtlopt.smooth_weights(mtlopt.upgrad(**_nt(T, k)), alpha=0.5),
+        method="upgrad",
+        wrapper="smooth_weights",
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: 1.0,
+    ),
+    Row(
+        # Every step of the batched scenarios is a refresh (step 0) or, in the multi-step
+        # checks, reuses the weights of the step before.
+        "refresh_mgda",
+        lambda T, **k: mtlopt.refresh_weights(mtlopt.mgda(**_nt(T, k)), every=2),
+        method="mgda",
+        wrapper="refresh_weights",
+        needs_num_tasks=True,
+        identical_scale=lambda T, loss: 1.0,
+        zero_task_stationary=True,
+        non_conflicting=True,
+    ),
+]
+# --- end rows: modifiers ---
 
 AGGREGATORS = [r for r in ROWS if r.kind == "aggregator"]
 ORDER_FREE = [r for r in AGGREGATORS if r.order_free]

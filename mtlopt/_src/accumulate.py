@@ -168,9 +168,10 @@ def accumulate(
         grad_sum = jax.tree.map(add, state.grad_sum, task_grads)
 
         def apply():
-            # Not with_diagnostics' request: the inner update runs under lax.cond, whose values
-            # cannot leave it by a side channel (with_diagnostics then computes its own).
-            kwargs = {k: v for k, v in extra.items() if k != build.CAPTURE}
+            # Not with_diagnostics' request nor a weight modifier's: the inner update runs under
+            # lax.cond, whose values cannot leave it by a side channel (with_diagnostics then
+            # computes its own; a modifier outside accumulate raises: it belongs inside).
+            kwargs = {k: v for k, v in extra.items() if k not in (build.CAPTURE, build.MODIFY)}
             active = grad_count > 0
             if losses is not None:
                 kwargs["task_losses"] = loss_sum / jnp.maximum(loss_count, 1).astype(loss_sum.dtype)

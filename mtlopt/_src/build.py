@@ -66,6 +66,16 @@ from ``reuse`` and the non-finite policy checks the update (no Gramian proves th
 **Clipping** (``max_norm``): after step 8, the weights are scaled so that the shared update's
 norm, known from the Gramian, is at most ``max_norm`` (between refreshes: from the update).
 
+**Weight modifiers** (``MODIFY``, a private extra argument that :mod:`modifiers` passes down,
+through chains and other wrappers, to the one aggregator inside): ``"refresh_every"`` replaces
+``Method.refresh_every`` (periodic weights for any method with weights), and ``"smooth"``, a
+function ``(w, mask) -> w'`` (CR-MOGM's moving average), is applied to the weights after the
+weighting (and a Gramian ``max_norm`` clip), before the finiteness check, the heads and
+pass 2, so the update, the heads, the stored ``weights`` and the reuse between refreshes all
+see the modified weights. The skeleton writes ``"consumed"`` (a count) and ``"ok"`` (whether the
+step was taken) back into the dict; per-coordinate methods and methods without stored weights
+refuse it.
+
 **Two independent samples** (``cross``: SDMGrad, MoDo): the method declares an optional
 ``"task_grads"`` :class:`Signal` (a second, independent sample of the task grads, with the
 structure of the first) and names it in ``Method.cross``. Where a call passes it, pass 1
@@ -121,6 +131,10 @@ NONFINITE = ("skip", "propagate")
 # The private extra argument through which mtlopt.with_diagnostics asks an aggregator for the
 # Gramian of the task grads it received: a dict that update_fn fills at trace time.
 CAPTURE = "_mtlopt_diagnostics"
+# The private extra argument through which the weight modifiers (mtlopt.smooth_weights,
+# mtlopt.refresh_weights: mtlopt/_src/modifiers.py) reach the aggregator they wrap: a dict,
+# read and filled at trace time (see "Weight modifiers" in the module notes).
+MODIFY = "_mtlopt_weights"
 
 SIGNAL_KINDS = ("flag", "task_vector", "gramian", "task_grads")
 
@@ -585,6 +599,10 @@ def aggregator(
     def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
         del params
         capture = extra.pop(CAPTURE, None)  # mtlopt.with_diagnostics asks for the Gramian
+        modify = extra.pop(MODIFY, None)  # mtlopt.smooth_weights / refresh_weights
+        refresh_every, smooth = method.refresh_every, None
+        if modify is not None:
+            refresh_every, smooth = _modifiers(method, modify, reports, state)
         task_grads, in_scales = tree.unwrap(task_grads)
         loss_only = task_grads is None
         if loss_only:
@@ -716,7 +734,7 @@ def aggregator(
             checks.concrete(method.max_norm) and float(np.asarray(method.max_norm)) == 0.0
         )
         periodic = method.weights_fn is not None and not (
-            checks.concrete(method.refresh_every) and int(method.refresh_every) == 1
+            checks.concrete(refresh_every) and int(np.asarray(refresh_every)) == 1
         )
         w = None
         clip = None
@@ -741,14 +759,16 @@ def aggregator(
                 w_old = lax.stop_gradient(jnp.where(mask, w_old, 0.0).astype(cdt))
                 return w_old, more, jnp.asarray(True), jnp.full((), jnp.nan, cdt)
 
-            fresh = state.count % jnp.asarray(method.refresh_every, state.count.dtype) == 0
+            fresh = state.count % jnp.asarray(refresh_every, state.count.dtype) == 0
             w, more, good, clip = lax.cond(fresh, lambda: weighting(ctx), again)
             extras.update(more)
             ok &= good
         if w is not None:
-            ok &= jnp.all(jnp.isfinite(w))
             if clipped and method.gram == "full" and not periodic and not partial:
                 w = w * clip
+            if smooth is not None:
+                w = lax.stop_gradient(smooth(w, jnp.broadcast_to(mask, w.shape)).astype(cdt))
+            ok &= jnp.all(jnp.isfinite(w))
 
         any_task = jnp.any(mask)
         new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
@@ -760,6 +780,8 @@ def aggregator(
 
         if loss_only:
             updates = lax.cond(ok, lambda: w, lambda: jnp.full(w.shape, fill, cdt))
+            if modify is not None:
+                modify["ok"] = ok
             return updates, _finish(method, state, new_state, ok)
 
         applied = w if in_scales is None else w * in_scales  # weights on the raw rows
@@ -827,6 +849,8 @@ def aggregator(
             updates = lax.cond(ok, combine_all, filled)
         if "clip" in box and reports and state.weights is not None:
             new_state = new_state._replace(weights=w * box["clip"])
+        if modify is not None:
+            modify["ok"] = ok
         return updates, _finish(method, state, new_state, ok)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -1001,6 +1025,33 @@ def _weigh(method: Method, ctx: Context, K: int | None):
     return jax.vmap(one, in_axes=(0, 0, 0, None if keys is None else 0, 0))(
         ctx.gram, ctx.gram_scale, per, keys, jnp.arange(K)
     )
+
+
+def _modifiers(method: Method, modify: dict, reports: bool, state: Any) -> tuple[Any, Any]:
+    """``(refresh_every, smooth)`` of the weight modifiers' request (module notes, "Weight
+    modifiers"), checked at trace time."""
+    who = " and ".join(modify.get("by", ("a weight modifier",)))
+    if not reports:
+        what = "combines per coordinate" if method.coordinate is not None else "keeps none"
+        raise checks.fail(
+            method.name, f"{who} wraps a method with (T,) weights; {method.name} {what}."
+        )
+    if getattr(state, "weights", None) is None:
+        raise checks.fail(
+            method.name,
+            f"{who} needs the stored weights: build {method.name} with num_tasks=T.",
+        )
+    modify["consumed"] = modify.get("consumed", 0) + 1
+    refresh_every = modify.get("refresh_every")
+    if refresh_every is None:
+        refresh_every = method.refresh_every
+    elif not (checks.concrete(method.refresh_every) and int(method.refresh_every) == 1):
+        raise checks.fail(
+            method.name,
+            f"{who}: this {method.name} already recomputes its weights periodically "
+            "(its own argument, e.g. update_weights_every): set one of them, not both.",
+        )
+    return refresh_every, modify.get("smooth")
 
 
 def _finish(method: Method, state: Any, new_state: Any, ok: jax.Array) -> Any:
