@@ -178,6 +178,19 @@ METHODS += [
     ),
     _m("moco", lambda T, ts, k: mtlopt.moco(num_tasks=T, task_specific=ts)),
     _m("excess_mtl", lambda T, ts, k: mtlopt.excess_mtl(num_tasks=T, task_specific=ts)),
+    # The weight modifiers, around MGDA (whose weights jump most from batch to batch).
+    Method(
+        "smooth_weights(mgda)",
+        lambda T, ts, k: mtlopt.smooth_weights(mtlopt.mgda(num_tasks=T, task_specific=ts)),
+        ("smooth_weights", "mgda"),
+        note="alpha = 0.9 (its default)",
+    ),
+    Method(
+        "refresh_weights(mgda, 10)",
+        lambda T, ts, k: mtlopt.refresh_weights(mtlopt.mgda(num_tasks=T, task_specific=ts), 10),
+        ("refresh_weights", "mgda"),
+        note="MGDA's weights recomputed every 10 steps",
+    ),
 ]
 # A row whose method this version of mtlopt lacks is left out (the runner works at any commit).
 METHODS = [m for m in METHODS if all(hasattr(mtlopt, c) for c in m.covers)]
