@@ -217,6 +217,7 @@ NOT_METHODS = {
     "gramian",
     "loss_weights",
     "native_kernel_available",
+    "native_kernel_status",
     "task_value_and_grad",
     "task_weights",
     "weights_from_gramian",

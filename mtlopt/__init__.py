@@ -43,6 +43,7 @@ from mtlopt._src.methods.scalarization import MeanState as MeanState
 from mtlopt._src.methods.scalarization import linear as linear
 from mtlopt._src.methods.scalarization import mean as mean
 from mtlopt._src.native import kernel_available as native_kernel_available
+from mtlopt._src.native import status as native_kernel_status
 from mtlopt._src.sampling import cagrad_fast_groups as cagrad_fast_groups
 from mtlopt._src.sampling import cagrad_fast_weights as cagrad_fast_weights
 from mtlopt._src.solvers import SolverInfo as SolverInfo
@@ -95,6 +96,7 @@ __all__ = [
     "mgda",
     "nash_mtl",
     "native_kernel_available",
+    "native_kernel_status",
     "ntkmtl",
     "pcgrad",
     "task_value_and_grad",

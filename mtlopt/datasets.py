@@ -34,7 +34,8 @@ class MultiDigits(NamedTuple):
       y_train: ``(n_train, T)`` int32 labels, column ``t`` for task ``t``: the class (0-9) of a
         classification task, the integer target of the regression (the sum of the two digits,
         0-18: cast it to float), 0 or 1 for the binary task.
-      x_test, y_test: the same for the test pairs.
+      x_test: ``(n_test, H, W)``, as ``x_train`` for the test pairs.
+      y_test: ``(n_test, T)``, as ``y_train`` for the test pairs.
       task_names: ``T`` names: ``"left"``, ``"right"`` (the two digits' classes), ``"sum"``
         (their sum), ``"left>right"`` (whether the left digit is larger).
       task_kinds: ``"classification"`` (cross-entropy over 10 classes), ``"regression"``
@@ -43,9 +44,10 @@ class MultiDigits(NamedTuple):
       metrics: the test metric per task: ``"accuracy"`` for classification and binary tasks,
         ``"mae"`` (mean absolute error) for the regression.
       higher_is_better: per task, whether a larger metric is better (``False`` for ``"mae"``).
-      source_train, source_test: ``(n, 2)`` int32 indices into ``load_digits()`` of the left
-        and right digit of every pair. The two sets share no index: every test pair is made of
-        digit images never seen in training.
+      source_train: ``(n_train, 2)`` int32 indices into ``load_digits()`` of the left and
+        right digit of every training pair.
+      source_test: ``(n_test, 2)``, the same for the test pairs. The two share no index:
+        every test pair is made of digit images never seen in training.
     """
 
     x_train: np.ndarray
@@ -166,7 +168,7 @@ def multidigits(
       ``y_train`` ``(n_train, T)`` int32 (one column per task), the same for test, the tasks'
       names, kinds, head output sizes, metrics, metric directions, and the source indices.
 
-    Example:
+    Examples:
       >>> from mtlopt.datasets import multidigits
       >>> data = multidigits(n_train=100, n_test=50, tasks=4, seed=0)
       >>> data.x_train.shape, data.y_train.shape, data.x_test.shape, data.y_test.shape

@@ -178,6 +178,9 @@ def task_diagnostics(opt_state: Any) -> Diagnostics | None:
 
     Searches ``opt_state`` (a chain, a wrapper, a Flax ``nnx.Optimizer``'s ``opt_state``)
     breadth-first, as :func:`mtlopt.task_weights` does; ``None`` where no state keeps them.
+
+    Args:
+      opt_state: an optimizer state that holds a :func:`with_diagnostics` state anywhere.
     """
     for node in inspect.nodes(opt_state):
         if isinstance(node, DiagnosticsState):

@@ -35,6 +35,9 @@ def task_weights(opt_state: Any) -> jax.Array | None:
     per group. States kept by Flax's ``nnx.Optimizer`` (``opt.opt_state``, whose arrays are
     ``OptArray`` variables) are read through: the result is the array itself.
 
+    Args:
+      opt_state: an optimizer state (a method's own, a chain's, a wrapper's).
+
     Examples:
       >>> import jax.numpy as jnp, optax, mtlopt
       >>> tx = optax.chain(mtlopt.mean(num_tasks=2), optax.sgd(0.1))

@@ -27,6 +27,16 @@ def loss_weights(
     Methods that need the task gradients (the Gramian methods) raise a ``ValueError``: for them
     see :func:`mtlopt.weights_from_gramian`.
 
+    Args:
+      tx: the loss-weighting method (not a chain).
+      task_losses: ``(T,)``, this step's task losses (pass them through
+        ``jax.lax.stop_gradient`` inside a differentiated function).
+      state: ``tx``'s state (from ``tx.init`` or the previous call).
+      **extra_args: the method's extra arguments (``task_mask``, ``new_epoch``, ...).
+
+    Returns:
+      ``(weights, new_state)``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, mtlopt
       >>> tx = mtlopt.linear([1.0, 0.5])

@@ -57,6 +57,10 @@ def cagrad_fast_weights(num_tasks: int, n: int) -> np.ndarray:
     With ``M = cagrad_fast_groups(key, T, n)``, ``sum_i b_i grad(M @ losses)_i`` is the gradient
     of the mean loss, so ``cagrad(g0_weights=b)`` keeps the true ``g0``.
 
+    Args:
+      num_tasks: T, the number of tasks.
+      n: the number of groups, ``1 <= n <= T`` (as given to :func:`cagrad_fast_groups`).
+
     Examples:
       >>> import mtlopt
       >>> mtlopt.cagrad_fast_weights(5, 3)

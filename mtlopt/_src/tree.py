@@ -266,6 +266,10 @@ def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
     ``MTLOPT_CPU_GRAMIAN_LOOP`` takes outer products instead (``outer``, faster on some CPUs) or
     times both once per process (``measure``).
 
+    Args:
+      task_grads: a pytree of ``(T, ...)`` leaves (or a :class:`TaskScaled`).
+      scale: optional scalar: the Gramian of ``scale * task_grads``.
+
     Examples:
         >>> import jax.numpy as jnp, mtlopt
         >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]]), "b": jnp.array([[2.0], [0.0]])}
@@ -451,6 +455,10 @@ def combine(weights: jax.Array, task_grads: Any) -> Any:
 
     Accumulated in float32 (float64 for float64 leaves), one dot per leaf.
 
+    Args:
+      weights: ``(T,)``.
+      task_grads: a pytree of ``(T, ...)`` leaves.
+
     Examples:
         >>> import jax.numpy as jnp, mtlopt
         >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}
@@ -614,7 +622,11 @@ class TaskScaled:
         return cls(*children)
 
     def materialize(self, fill: float = 0.0) -> Any:
-        """The scaled task grads; ``fill`` (zeros, or NaN) everywhere on a bad step."""
+        """The scaled task grads; ``fill`` everywhere on a bad step.
+
+        Args:
+          fill: the value of every element on a bad step (0, or NaN).
+        """
         out = scale_tasks(self.scales, self.grads)
         return jax.tree.map(lambda x: jnp.where(self.ok, x, jnp.asarray(fill, x.dtype)), out)
 

@@ -366,6 +366,18 @@ ffi::Error FillUnlessImpl(ffi::Buffer<ffi::PRED> ok, ffi::Buffer<ffi::F32> fill,
 
 }  // namespace
 
+// What this library was built against, read by mtlopt/_src/native.py before it registers the
+// handlers (a runtime whose XLA FFI API is older than these headers' rejects them): the FFI API
+// version of the headers compiled in, and the jaxlib release that shipped them (setup.py passes
+// it in; "unknown" for a build by hand).
+#ifndef MTLOPT_JAXLIB_VERSION
+#define MTLOPT_JAXLIB_VERSION "unknown"
+#endif
+
+extern "C" int MtloptFfiApiMajor() { return XLA_FFI_API_MAJOR; }
+extern "C" int MtloptFfiApiMinor() { return XLA_FFI_API_MINOR; }
+extern "C" const char* MtloptBuildJaxlib() { return MTLOPT_JAXLIB_VERSION; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MtloptGramian, GramianImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -120,8 +120,10 @@ def moco(
         gradients of norm ~1 only.
       rho: ``rho >= 0``, the l2 regularisation of the weights' subproblem.
       num_tasks: T (required: the tracked gradients are state shaped by T).
-      beta_sigma, gamma_sigma: the decays' powers of the step count (LibMTL's 0.5 by default;
-        0: constant steps).
+      beta_sigma: the power of the step count by which the tracking step decays,
+        ``beta / k**beta_sigma`` (LibMTL's 0.5 by default; 0: a constant step).
+      gamma_sigma: the same for the weights' step, ``gamma / k**gamma_sigma`` (0.5 by
+        default; 0: a constant step).
       normalization: ``"loss"`` (default, the authors' code and LibMTL: each task gradient
         rescaled to norm ``l_t`` before it is tracked; needs ``task_losses``, used as given)
         or ``"none"`` (the raw gradients: the weights then depend on the gradients' scale,
