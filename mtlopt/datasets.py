@@ -79,7 +79,9 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int32)
 
 
-def _split_sources(labels: np.ndarray, test_fraction: float, rng: np.random.Generator):
+def _split_sources(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the source images for training and test, stratified by class."""
     train, test = [], []
     for c in range(10):
@@ -90,14 +92,20 @@ def _split_sources(labels: np.ndarray, test_fraction: float, rng: np.random.Gene
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _pairs(n, pool, rng):
+def _pairs(n: int, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """n pairs of distinct source indices drawn from pool, as an (n, 2) array."""
     i = rng.integers(0, len(pool), size=n)
     j = (i + rng.integers(1, len(pool), size=n)) % len(pool)  # any other image of the pool
     return np.stack([pool[i], pool[j]], axis=1).astype(np.int32)
 
 
-def _paint(images, src, canvas, max_shift, rng):
+def _paint(
+    images: np.ndarray,
+    src: np.ndarray,
+    canvas: tuple[int, int],
+    max_shift: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Canvases with the left digit near the left edge and the right one near the right edge,
     each shifted at random; where they overlap the brighter pixel wins (np.maximum)."""
     H, W = canvas
@@ -116,7 +124,7 @@ def _paint(images, src, canvas, max_shift, rng):
     return out
 
 
-def _labels(digit_labels, src, names):
+def _labels(digit_labels: np.ndarray, src: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     left = digit_labels[src[:, 0]]
     right = digit_labels[src[:, 1]]
     columns = {"left": left, "right": right, "sum": left + right, "left>right": left > right}

@@ -95,15 +95,16 @@ def task_value_and_grad(
       ((2,), (2, 3, 2))
     """
 
-    def wrapped(module, *args, **kwargs):
-        graphdef, diff, rest = nnx.split(module, wrt, ...)
+    # (nnx.split's result is typed as a variadic tuple: its three parts, unpacked, are not.)
+    def wrapped(module: Any, *args: Any, **kwargs: Any) -> Any:
+        graphdef, diff, rest = nnx.split(module, wrt, ...)  # type: ignore[misc]
 
-        def pure(diff_state):
+        def pure(diff_state: Any) -> Any:
             # Fresh Variables, made inside the backward pass's trace (it may write to them).
             inner = nnx.merge(graphdef, diff_state, rest, **_COPY)
             out = fun(inner, *args, **kwargs)
             losses, aux = out if has_aux else (out, None)
-            _, _, new_rest = nnx.split(inner, wrt, ...)
+            _, _, new_rest = nnx.split(inner, wrt, ...)  # type: ignore[misc]
             return losses, (aux, new_rest)
 
         (losses, (aux, new_rest)), task_grads = _grad.task_value_and_grad(pure, has_aux=True)(diff)

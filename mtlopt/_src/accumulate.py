@@ -119,7 +119,7 @@ def accumulate(
         )
     inner = optax.with_extra_args_support(tx)
 
-    def init_fn(params):
+    def init_fn(params: Any) -> AccumulateState:
         acc = tree.acc_dtype(*(jnp.result_type(x) for x in jax.tree.leaves(params)))
         zero = lambda shape=(): jnp.zeros(shape, jnp.int32)  # fresh buffers (donation)
         return AccumulateState(
@@ -132,7 +132,15 @@ def accumulate(
             inner_state=inner.init(params),
         )
 
-    def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
+    def update_fn(
+        task_grads: Any,
+        state: AccumulateState,
+        params: Any = None,
+        *,
+        task_losses: Any = None,
+        task_mask: Any = None,
+        **extra: Any,
+    ) -> tuple[Any, AccumulateState]:
         checks.num_tasks(_NAME, task_grads, expected=T)
         _check_structure(task_grads, state.grad_sum)
         mask = checks.task_mask(_NAME, task_mask, T)
@@ -151,7 +159,7 @@ def accumulate(
         last = state.mini_step == k - 1
         n = jnp.maximum(grad_count, 1)
 
-        def add(s, g):
+        def add(s: jax.Array, g: jax.Array) -> jax.Array:
             """The new sum, or on the last micro-batch the mean: one fused pass, written in
             place of the old sums (donated). The cond below reads only this result: reading
             the old sums there made XLA copy them first (a T x P copy per micro-step,
@@ -167,7 +175,7 @@ def accumulate(
 
         grad_sum = jax.tree.map(add, state.grad_sum, task_grads)
 
-        def apply():
+        def apply() -> tuple[Any, Any]:
             # Not with_diagnostics' request nor a weight modifier's: the inner update runs under
             # lax.cond, whose values cannot leave it by a side channel (with_diagnostics then
             # computes its own; a modifier outside accumulate raises: it belongs inside).
@@ -185,7 +193,7 @@ def accumulate(
 
         out = jax.eval_shape(apply)
 
-        def wait():
+        def wait() -> tuple[Any, Any]:
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[0])
             return zeros, state.inner_state
 
@@ -201,12 +209,15 @@ def accumulate(
         )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (update_fn names its first argument task_grads and types its state as this state class;
+    # optax's protocol: updates, any pytree.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]
 
 
 def _check_structure(task_grads: Any, grad_sum: Any) -> None:
-    want = jax.tree.structure(grad_sum)
-    got = jax.tree.structure(task_grads)
+    # (Any: jax's PyTreeDef type does not resolve for mypy.)
+    want: Any = jax.tree.structure(grad_sum)
+    got: Any = jax.tree.structure(task_grads)
     shapes = [jnp.shape(x) for x in jax.tree.leaves(grad_sum)]
     came = [jnp.shape(x) for x in jax.tree.leaves(task_grads)]
     if want != got or shapes != came:

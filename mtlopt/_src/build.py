@@ -113,7 +113,7 @@ sharded like the params, float32 for narrower floats; writes go through
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -157,13 +157,16 @@ class Signal(NamedTuple):
 class Context(NamedTuple):
     """What a method's hooks see (all small arrays, except in ``prepare`` and ``coordinate``)."""
 
+    # gram, losses and key are arrays for the hooks that read them (a method that declares a
+    # Gramian, needs_losses or random=True) and None otherwise: typed Any, so that those hooks
+    # need no None checks.
     T: int  # static number of tasks
-    gram: jax.Array | None  # (T, T) or (T,); the true one is gram * gram_scale**2
+    gram: Any  # (T, T) or (T,); the true one is gram * gram_scale**2; None before pass 1
     gram_scale: jax.Array  # scalar, 1 unless pass 1 (or a fold) had to pre-scale
-    losses: jax.Array | None  # (T,)
+    losses: Any  # (T,), or None where not required and not given
     mask: jax.Array  # (T,) bool, True for the tasks that take part
     state: Any  # the method's state (after ``prepare``'s writes, from step 8 on)
-    key: jax.Array | None = None  # a fresh PRNG key (``random=True``)
+    key: Any = None  # a fresh PRNG key (``random=True``)
     signals: Any = None  # dict: the declared extra signals (None where optional and absent)
     scales: jax.Array | None = None  # incoming per-task scales (``prepare`` applies them)
     ok: Any = True  # scalar bool: the inputs are finite (``prepare`` must not write otherwise)
@@ -224,9 +227,10 @@ class Method(NamedTuple):
     """
 
     name: str
-    state_cls: type
+    state_cls: type[Any]  # a NamedTuple class
     weights_fn: Callable[[Context], tuple[jax.Array, dict]] | None
-    init_extra: Callable[[int | None, Any], dict] = lambda T, shared: {}
+    # (T: num_tasks, None where not given: a method whose state needs T requires it)
+    init_extra: Callable[[Any, Any], dict] = lambda T, shared: {}
     gram: str | None = "full"
     needs_losses: bool = False
     prepare: Callable[[list, Context], Prepared] | None = None
@@ -253,14 +257,14 @@ def _structs(tree_: Any, task_axis: bool) -> Any:
     """A params-shaped tree of ShapeDtypeStructs (what ``task_specific``/``groups`` callables
     see, in ``init`` and ``update`` alike)."""
 
-    def leaf(x):
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
         shape = jnp.shape(x)[1:] if task_axis else jnp.shape(x)
         return jax.ShapeDtypeStruct(shape, jnp.result_type(x))
 
     return jax.tree.map(leaf, tree_)
 
 
-def _flags(name: str, arg: str, spec: Any, structs: Any, treedef, what: str) -> list:
+def _flags(name: str, arg: str, spec: Any, structs: Any, treedef: Any, what: str) -> list:
     if callable(spec):
         spec = spec(structs)
     try:
@@ -312,16 +316,20 @@ def _layout(name: str, task_specific: Any, groups: Any, tree_: Any, task_axis: b
     return _Layout(treedef, heads, group, len(order))
 
 
-def _merge(layout: _Layout, shared: list, heads: list):
-    shared, heads = iter(shared), iter(heads)
-    return layout.treedef.unflatten([next(heads) if f else next(shared) for f in layout.heads])
+def _merge(layout: _Layout, shared: list, heads: list) -> Any:
+    shared_it, heads_it = iter(shared), iter(heads)
+    return layout.treedef.unflatten(
+        [next(heads_it) if f else next(shared_it) for f in layout.heads]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Passes and folds
 
 
-def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[jax.Array, Any]:
+def _pass_one(
+    kind: str, groups: list[list[jax.Array]], T: int, dtype: Any
+) -> tuple[jax.Array, Any]:
     """Pass 1 per group, stacked ``(K, T, T)`` or ``(K, T)``, and each group's scale ``s``
     ``(K,)``: the true one is ``gram[k] * s[k]**2``.
 
@@ -334,7 +342,7 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
     K = len(groups)
     shape = (T, T) if kind == "full" else (T,)
 
-    def fn(mats, inv=None):
+    def fn(mats: list[jax.Array], inv: jax.Array | None = None) -> jax.Array:
         if not mats:
             return jnp.zeros(shape, dtype)
         out = tree.matrices_gramian(mats, inv) if kind == "full" else tree.sq_norms(mats, inv)
@@ -348,7 +356,7 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
     top = jnp.max(diag, axis=-1)  # (K,)
     fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
 
-    def rescaled(_):
+    def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
         grams, scales = [], []
         for k, mats in enumerate(groups):
             flat = [m for m in mats if m.shape[1] > 0]
@@ -369,12 +377,12 @@ def _pass_one(kind: str, groups: list[list[jax.Array]], T: int, dtype) -> tuple[
     return lax.cond(jnp.all(fast), lambda _: (gram, ones), rescaled, None)
 
 
-def _cross_leaf(a: jax.Array, b: jax.Array, inv: jax.Array | None, dtype) -> jax.Array:
+def _cross_leaf(a: jax.Array, b: jax.Array, inv: jax.Array | None, dtype: Any) -> jax.Array:
     """``(T, C) x (T, C) -> (T, T)``: ``a b^T`` (of ``inv * a`` and ``inv * b`` with ``inv``), at
     full precision in ``dtype``. On CPU large float32 leaves go through a loop of small dots
     over column slices (one dot over 1e6 columns ran 4x slower there, measured at T = 10)."""
 
-    def dot(x, y):
+    def dot(x: jax.Array, y: jax.Array) -> jax.Array:
         if inv is not None:
             x, y = x.astype(dtype) * inv, y.astype(dtype) * inv
         elif x.dtype != y.dtype:
@@ -389,8 +397,8 @@ def _cross_leaf(a: jax.Array, b: jax.Array, inv: jax.Array | None, dtype) -> jax
     if dtype == jnp.float64 or a.shape[1] <= tree._SMALL_LEAF:
         return dot(a, b)
 
-    def loop(a, b):
-        def body(i, acc):
+    def loop(a: jax.Array, b: jax.Array) -> jax.Array:
+        def body(i: jax.Array, acc: jax.Array) -> jax.Array:
             sl = lambda m: lax.dynamic_slice_in_dim(m, i * step, step, axis=1)
             return acc + dot(sl(a), sl(b))
 
@@ -399,24 +407,26 @@ def _cross_leaf(a: jax.Array, b: jax.Array, inv: jax.Array | None, dtype) -> jax
     return lax.platform_dependent(a, b, cpu=loop, default=dot)
 
 
-def _cross_pass(groups: list, seconds: list, T: int, dtype) -> tuple[jax.Array, jax.Array]:
+def _cross_pass(groups: list, seconds: list, T: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Pass 1 for ``Method.cross``: per group the cross-Gramian ``J J2^T`` ``(K, T, T)`` and its
     scale ``(K,)`` (true ``A = gram * s**2``). As :func:`_pass_one`: where a group's result is
     not finite or its largest entry is below ``_TINY_GRAM``, both samples are divided by one
     power of two near their largest entry and the pass runs again for that group."""
 
-    def fn(mats, others, inv=None):
+    def fn(
+        mats: list[jax.Array], others: list[jax.Array], inv: jax.Array | None = None
+    ) -> jax.Array:
         pairs = [(a, b) for a, b in zip(mats, others, strict=True) if a.shape[1] > 0]
         if not pairs:
             return jnp.zeros((T, T), dtype)
-        return sum(_cross_leaf(a, b, inv, dtype) for a, b in pairs).astype(dtype)
+        return cast(jax.Array, sum(_cross_leaf(a, b, inv, dtype) for a, b in pairs)).astype(dtype)
 
     gram = jnp.stack([fn(m, o) for m, o in zip(groups, seconds, strict=True)])
     one = jnp.ones((), dtype)
     top = jnp.max(jnp.abs(gram), axis=(-2, -1))
     fast = jnp.all(jnp.isfinite(gram), axis=(-2, -1)) & (top >= _TINY_GRAM)
 
-    def rescaled(_):
+    def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
         grams, scales = [], []
         for k, (mats, others) in enumerate(zip(groups, seconds, strict=True)):
             flat = [m for m in mats + others if m.shape[1] > 0]
@@ -437,7 +447,9 @@ def _cross_pass(groups: list, seconds: list, T: int, dtype) -> tuple[jax.Array, 
     )
 
 
-def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
+def _fold(
+    gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str
+) -> tuple[jax.Array, jax.Array]:
     """``S G S`` in the Gramian's pre-scaled units: ``(gram', gram_scale')`` with
     ``gram' * gram_scale'**2 == S (gram * gram_scale**2) S`` and the largest scaled norm near 1
     (the common factor is a power of two: exact, and no over- or underflow for scales of any
@@ -456,7 +468,7 @@ def _fold(gram: jax.Array, gram_scale: jax.Array, s: jax.Array, kind: str):
     return folded, tree.pow2(e, gram.dtype)
 
 
-def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, dtype) -> Any:
+def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, dtype: Any) -> Any:
     if value is None:
         if sig.required:
             raise checks.fail(
@@ -481,8 +493,8 @@ def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, d
                 name, f"{sig.name} must have shape ({T}, {T}); got {jnp.shape(value)}."
             )
         return jnp.asarray(value).astype(dtype)
-    want = jax.tree.structure(task_grads)
-    got = jax.tree.structure(value)
+    want: Any = jax.tree.structure(task_grads)  # (Any: PyTreeDef does not resolve for mypy)
+    got: Any = jax.tree.structure(value)
     shapes = [jnp.shape(x) for x in jax.tree.leaves(task_grads)]
     if got != want or [jnp.shape(x) for x in jax.tree.leaves(value)] != shapes:
         raise checks.fail(
@@ -494,7 +506,15 @@ def _check_signal(name: str, sig: Signal, value: Any, T: int, task_grads: Any, d
     return value
 
 
-def _inputs(method: Method, T: int, task_grads, task_losses, task_mask, extra: dict, dtype):
+def _inputs(
+    method: Method,
+    T: int,
+    task_grads: Any,
+    task_losses: Any,
+    task_mask: Any,
+    extra: dict,
+    dtype: Any,
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array, dict, jax.Array]:
     """The checked losses, mask (as given, and filled), signals, and whether they are finite
     (over the active tasks)."""
     name = method.name
@@ -568,7 +588,7 @@ def aggregator(
                 name, "cross is not for prepare, gram_leaves, max_norm or gram != 'full'."
             )
 
-    def init_fn(params):
+    def init_fn(params: Any) -> Any:
         extras: dict = {}
         shared_params = params
         K = None
@@ -585,7 +605,10 @@ def aggregator(
         if K is not None:
             for f in method.per_group:
                 extras[f] = jax.tree.map(lambda x: jnp.repeat(x[None], K, axis=0), extras[f])
-        state = {"count": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+        state: dict[str, Any] = {
+            "count": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
         if "weights" in fields:
             w = None
             if reports and num_tasks is not None:
@@ -596,7 +619,15 @@ def aggregator(
             state["key"] = jnp.array(key_data, copy=True)
         return method.state_cls(**state, **extras)
 
-    def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
+    def update_fn(
+        task_grads: Any,
+        state: Any,
+        params: Any = None,
+        *,
+        task_losses: Any = None,
+        task_mask: Any = None,
+        **extra: Any,
+    ) -> tuple[Any, Any]:
         del params
         capture = extra.pop(CAPTURE, None)  # mtlopt.with_diagnostics asks for the Gramian
         modify = extra.pop(MODIFY, None)  # mtlopt.smooth_weights / refresh_weights
@@ -695,7 +726,7 @@ def aggregator(
         # (a solver loop could not be reverse-differentiated anyway).
         ctx = ctx._replace(losses=lax.stop_gradient(ctx.losses))
 
-        def weighting(ctx):
+        def weighting(ctx: Context) -> tuple[jax.Array, dict, jax.Array, jax.Array]:
             """Pass 1 and the weights: ``(w, extras, ok, clip)``, ``clip`` the factor of
             ``max_norm`` (1 without it)."""
             if method.gram is not None:
@@ -736,8 +767,9 @@ def aggregator(
         periodic = method.weights_fn is not None and not (
             checks.concrete(refresh_every) and int(np.asarray(refresh_every)) == 1
         )
-        w = None
-        clip = None
+        # (None for per-coordinate methods: they have no weights.)
+        w: Any = None
+        clip: Any = None
         if method.weights_fn is not None and not periodic:
             w, more, good, clip = weighting(ctx)
             extras.update(more)
@@ -749,7 +781,8 @@ def aggregator(
                 )
             shape = jax.eval_shape(lambda: weighting(ctx))
 
-            def again():
+            def again() -> tuple[jax.Array, dict, jax.Array, jax.Array]:
+                more: dict
                 if method.reuse is None:
                     w_old, more = state.weights, {}
                 else:
@@ -774,7 +807,7 @@ def aggregator(
         new_state = state._replace(count=state.count + any_task.astype(jnp.int32), **extras)
         if reports and state.weights is not None:
             new_state = new_state._replace(weights=w)
-        if method.random:
+        if new_key is not None:  # (method.random)
             new_state = new_state._replace(key=jax.random.key_data(new_key))
         fill = 0.0 if nonfinite == "skip" else jnp.nan
 
@@ -785,7 +818,7 @@ def aggregator(
             return updates, _finish(method, state, new_state, ok)
 
         applied = w if in_scales is None else w * in_scales  # weights on the raw rows
-        head_w = None
+        head_w: Any = None
         if heads:
             scales = jnp.ones((T,), cdt)
             if method.head_scales is not None:
@@ -804,7 +837,7 @@ def aggregator(
                 )
             capture["gramian"] = _summed(*box["raw_gram"])
 
-        def combine_all():
+        def combine_all() -> Any:
             if method.coordinate is not None:
                 outs = []
                 for i, m in enumerate(shared):
@@ -853,7 +886,8 @@ def aggregator(
             modify["ok"] = ok
         return updates, _finish(method, state, new_state, ok)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (update_fn names its first argument task_grads; optax's protocol: updates.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]
 
 
 def loss_weighting(
@@ -928,7 +962,7 @@ def _gram_norm(gram: jax.Array, gram_scale: jax.Array, w: jax.Array) -> jax.Arra
     return jnp.sqrt(jnp.sum(q * jnp.square(s / top))) * top * r
 
 
-def _tree_norm(outs: list, dtype) -> jax.Array:
+def _tree_norm(outs: list, dtype: Any) -> jax.Array:
     """The norm of a list of arrays, scaled by their largest entry (no over- or underflow)."""
     if not outs:
         return jnp.zeros((), dtype)
@@ -940,6 +974,7 @@ def _tree_norm(outs: list, dtype) -> jax.Array:
 
 def _gram_leaves(method: Method, task_grads: Any, layout: _Layout) -> list[bool]:
     """Per shared leaf: whether pass 1 reads it (``Method.gram_leaves``)."""
+    assert method.gram_leaves is not None  # (the caller's condition)
     arg, spec = method.gram_leaves
     if layout.K is not None:
         raise checks.fail(method.name, f"{arg}= and groups= cannot be combined.")
@@ -974,7 +1009,9 @@ def _loss_only_tasks(method: Method, num_tasks: int | None, task_losses: Any) ->
     return T
 
 
-def _handed(kind: str, handed: jax.Array, by_group, T: int, dtype):
+def _handed(
+    kind: str, handed: jax.Array, by_group: list, T: int, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
     """The squared norms ``prepare`` computed in its own pass, unless they over- or underflow
     (then pass 1 again, pre-scaled)."""
     top = jnp.max(handed)
@@ -986,16 +1023,19 @@ def _handed(kind: str, handed: jax.Array, by_group, T: int, dtype):
     )
 
 
-def _weigh(method: Method, ctx: Context, K: int | None):
+def _weigh(method: Method, ctx: Context, K: int | None) -> tuple[jax.Array, dict]:
     """The weighting (with the method's own scales folded in), batched over groups."""
+    weights_fn = method.weights_fn
+    assert weights_fn is not None  # (the caller's condition)
 
-    def solve(c: Context):
+    def solve(c: Context) -> tuple[jax.Array, dict]:
         s = None
         if method.scales is not None:
+            assert method.gram is not None  # (a method's own scales fold into its Gramian)
             s = jnp.where(c.mask, method.scales(c).astype(c.dtype), 0.0)
             gram, gscale = _fold(c.gram, c.gram_scale, s, method.gram)
             c = c._replace(gram=gram, gram_scale=gscale)
-        w, more = method.weights_fn(c)
+        w, more = weights_fn(c)
         w = jnp.asarray(w).astype(c.dtype)
         return (w if s is None else s * w), more
 
@@ -1008,7 +1048,9 @@ def _weigh(method: Method, ctx: Context, K: int | None):
         else jax.vmap(lambda k: jax.random.fold_in(ctx.key, k))(jnp.arange(K))
     )
 
-    def one(gram, gram_scale, part, key, k):
+    def one(
+        gram: jax.Array, gram_scale: jax.Array, part: dict, key: Any, k: jax.Array
+    ) -> tuple[jax.Array, dict]:
         c = ctx._replace(
             gram=gram, gram_scale=gram_scale, state=ctx.state._replace(**part), key=key, group=k
         )
@@ -1084,12 +1126,20 @@ def task_transform(
     num_tasks = checks.positive_int(name, "num_tasks", num_tasks)
     checks.choice(name, "nonfinite", nonfinite, NONFINITE)
 
-    def init_fn(params):
+    def init_fn(params: Any) -> Any:
         extras = method.init_extra(num_tasks, params)
         zero = lambda: jnp.zeros((), jnp.int32)  # two buffers: a donated state may not share one
         return method.state_cls(count=zero(), skipped=zero(), **extras)
 
-    def update_fn(task_grads, state, params=None, *, task_losses=None, task_mask=None, **extra):
+    def update_fn(
+        task_grads: Any,
+        state: Any,
+        params: Any = None,
+        *,
+        task_losses: Any = None,
+        task_mask: Any = None,
+        **extra: Any,
+    ) -> tuple[tree.TaskScaled, Any]:
         del params
         grads, in_scales = tree.unwrap(task_grads)
         T = checks.num_tasks(name, grads, expected=num_tasks)
@@ -1098,6 +1148,7 @@ def task_transform(
         ctx = Context(
             T, None, jnp.ones((), cdt), losses, mask, state, signals=signals, ok=ok, dtype=cdt
         )
+        assert method.scales is not None  # (a task transform is its scales)
         s = jnp.where(mask, lax.stop_gradient(method.scales(ctx).astype(cdt)), 1.0)
         if in_scales is not None:
             s = s * jnp.where(mask, in_scales.astype(cdt), 1.0)
@@ -1108,4 +1159,5 @@ def task_transform(
         new_state = tree.where_tree(ok, new_state, state)
         return out, new_state._replace(skipped=state.skipped + (~ok).astype(jnp.int32))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (update_fn names its first argument task_grads; optax's protocol: updates.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ def num_tasks(name: str, task_grads: Any, expected: int | None = None) -> int:
             "task_grads has no array leaves; expected a pytree of arrays with a "
             "leading task axis of size T.",
         )
-    sizes = {}
+    sizes: dict[int, str] = {}
     for path, leaf in leaves:
         shape = jnp.shape(leaf)
         if len(shape) == 0:
@@ -177,7 +177,7 @@ def choice(name: str, arg: str, value: Any, options: tuple) -> Any:
     return value
 
 
-def weight_vector(name: str, arg: str, value: Any, num_tasks: int | None):
+def weight_vector(name: str, arg: str, value: Any, num_tasks: int | None) -> tuple[int, Any]:
     """A constructor's ``(T,)`` vector of weights >= 0 (``cagrad``'s ``g0_weights``, UPGrad's
     ``pref_vector``): ``(its size, the vector as float32 numpy, or the traced array)``, checked
     against ``num_tasks`` where that is known."""

@@ -133,14 +133,16 @@ def with_diagnostics(
         raise checks.fail(name, "num_tasks is required (it fixes the diagnostics' shapes).")
     tx = optax.with_extra_args_support(tx)
 
-    def init_fn(params):
+    def init_fn(params: Any) -> DiagnosticsState:
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in jax.tree.leaves(params)))
         empty = Diagnostics(
             jnp.zeros((T,), dtype), jnp.zeros((T, T), dtype), jnp.zeros((), jnp.int32)
         )
         return DiagnosticsState(tx.init(params), empty)
 
-    def update_fn(updates, state, params=None, **extra):
+    def update_fn(
+        updates: Any, state: DiagnosticsState, params: Any = None, **extra: Any
+    ) -> tuple[Any, DiagnosticsState]:
         box: dict = {}
         new_updates, inner = tx.update(
             updates, state.inner_state, params, **extra, **{build.CAPTURE: box}
@@ -158,7 +160,8 @@ def with_diagnostics(
         d = jax.tree.map(lambda new, old: new.astype(old.dtype), d, state.diagnostics)
         return new_updates, DiagnosticsState(inner, d)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (update_fn's state is typed as this state class; optax's protocol types it as any pytree.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]
 
 
 def _gramian(grads: Any, task_mask: Any) -> tuple[jax.Array, jax.Array]:

@@ -41,16 +41,16 @@ def task_value_and_grad(
              [1., 1.]], dtype=float32))
     """
     single = isinstance(argnums, int)
-    nums = (argnums,) if single else tuple(argnums)
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
-    def wrapped(*args, **kwargs):
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         if any(not isinstance(i, int) or not -len(args) <= i < len(args) for i in nums):
             raise checks.fail(
                 "task_value_and_grad",
                 f"argnums={argnums!r} does not fit the {len(args)} positional arguments given.",
             )
 
-        def f(*diff):
+        def f(*diff: Any) -> Any:
             full = list(args)
             for i, d in zip(nums, diff, strict=True):
                 full[i] = d

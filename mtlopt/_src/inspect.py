@@ -59,7 +59,7 @@ def nodes(opt_state: Any) -> Iterator[Any]:
     level = [opt_state]
     while level:
         yield from level
-        nxt = []
+        nxt: list[Any] = []
         for node in level:
             if isinstance(node, dict):
                 nxt.extend(node.values())

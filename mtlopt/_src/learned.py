@@ -19,7 +19,7 @@ the skeleton restores the whole state, the optimizer's included.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,9 @@ def step(
     # for the standard promotion rules: trace them so under jax_numpy_dtype_promotion="strict".
     with jax.numpy_dtype_promotion("standard"):
         updates, new_state = opt.update(grad, opt_state, value)
-    new_value = jnp.where(mask, value + updates.astype(value.dtype), value)
+    new_value = jnp.where(mask, value + cast(jax.Array, updates).astype(value.dtype), value)
 
-    def keep(new, old):
+    def keep(new: Any, old: Any) -> jax.Array:
         new = jnp.asarray(new).astype(jnp.result_type(old))
         if jnp.ndim(old) >= 1 and jnp.shape(old)[0] == T:
             return jnp.where(mask.reshape((T,) + (1,) * (jnp.ndim(old) - 1)), new, old)

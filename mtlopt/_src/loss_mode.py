@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import optax
@@ -51,4 +51,7 @@ def loss_weights(
       >>> grads["w"]  # 1.0 * 2w + 0.5 * 1: one backward pass
       Array([2.5, 4.5], dtype=float32)
     """
-    return tx.update(None, state, task_losses=task_losses, **extra_args)
+    # optax's update protocol has no None for the updates (mtlopt's loss-only mode), and it
+    # types what comes back as pytrees: here the weights and the state.
+    out = tx.update(None, state, task_losses=task_losses, **extra_args)  # type: ignore[arg-type]
+    return cast("tuple[jax.Array, Any]", out)

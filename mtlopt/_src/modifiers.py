@@ -37,8 +37,8 @@ class SmoothWeightsState(NamedTuple):
     started: jax.Array
     raw_weights: jax.Array
 
-    @property
-    def count(self) -> jax.Array:
+    @property  # (shadows tuple.count, as the methods' ``count`` fields do)
+    def count(self) -> jax.Array:  # type: ignore[override]
         """The wrapped method's step count."""
         return _method_state(self.inner_state).count
 
@@ -60,7 +60,7 @@ def _stored_weights(name: str, inner_state: Any) -> jax.Array:
     """The weights array of the aggregator inside a (chained, wrapped) state."""
     for node in inspect.nodes(inner_state):
         if isinstance(node, tuple) and hasattr(node, "_fields") and "weights" in node._fields:
-            w = inspect._unwrap(node.weights)
+            w = inspect._unwrap(node.weights)  # type: ignore[attr-defined]
             if w is not None:
                 return w
     raise checks.fail(
@@ -163,7 +163,7 @@ def smooth_weights(
             )
     tx = optax.with_extra_args_support(tx)
 
-    def init_fn(params):
+    def init_fn(params: Any) -> SmoothWeightsState:
         inner = tx.init(params)
         w = _stored_weights(name, inner)
         if initial_weights is None:
@@ -179,13 +179,15 @@ def smooth_weights(
             started = jnp.ones(w.shape, bool)
         return SmoothWeightsState(inner, average, started, jnp.zeros_like(w))
 
-    def update_fn(updates, state, params=None, **extra):
+    def update_fn(
+        updates: Any, state: SmoothWeightsState, params: Any = None, **extra: Any
+    ) -> tuple[Any, SmoothWeightsState]:
         modify = _request(name, extra)
         if "smooth" in modify:
             raise checks.fail(name, "the method is already smoothed by a smooth_weights inside.")
         seen: dict = {}
 
-        def smooth(w, mask):
+        def smooth(w: jax.Array, mask: jax.Array) -> jax.Array:
             prev = jnp.where(state.started, state.average.astype(w.dtype), w)
             lam = alpha * prev + (1 - alpha) * w
             seen["raw"], seen["average"], seen["mask"] = w, jnp.where(mask, lam, prev), mask
@@ -204,7 +206,8 @@ def smooth_weights(
         raw = keep(seen["raw"], state.raw_weights)
         return out, SmoothWeightsState(inner, average, started, raw)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # (update_fn's state is typed as this state class; optax's protocol types it as any pytree.)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]
 
 
 def refresh_weights(
@@ -243,7 +246,7 @@ def refresh_weights(
     every = checks.count(name, "every", every, minimum=1)
     tx = optax.with_extra_args_support(tx)
 
-    def update_fn(updates, state, params=None, **extra):
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         modify = _request(name, extra)
         if "refresh_every" in modify:
             raise checks.fail(name, "the method is already wrapped by a refresh_weights.")
@@ -252,7 +255,7 @@ def refresh_weights(
         _check_consumed(name, modify)
         return out, state
 
-    def init_fn(params):
+    def init_fn(params: Any) -> Any:
         state = tx.init(params)
         _stored_weights(name, state)
         return state

@@ -40,6 +40,7 @@ import logging
 import os
 import pathlib
 import re
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -206,7 +207,8 @@ def combine_call(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1]), jnp.float32),
         jax.ShapeDtypeStruct(x.shape[:-2], jnp.float32),
     )
-    return jax.ffi.ffi_call(COMBINE_TARGET, outs, vmap_method="expand_dims")(x, w)
+    out = jax.ffi.ffi_call(COMBINE_TARGET, outs, vmap_method="expand_dims")(x, w)
+    return cast("tuple[jax.Array, jax.Array]", out)  # the container of ``outs``
 
 
 def fill_unless_call(ok: jax.Array, fill: jax.Array, x: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ CAGrad-Fast's random grouping lives here; later sampling methods (task sampling,
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +41,10 @@ def cagrad_fast_groups(key: jax.Array, num_tasks: int, n: int) -> jax.Array:
     References:
       Liu et al. 2021, Sec. 3 (the reference code's ``cagrad_fast{n}``).
     """
-    T = checks.positive_int("cagrad_fast_groups", "num_tasks", num_tasks)
-    n = checks.positive_int("cagrad_fast_groups", "n", n)
+    # Both shape the result, so they are concrete here: positive_int gives ints (None only for
+    # None or a traced value).
+    T = cast(int, checks.positive_int("cagrad_fast_groups", "num_tasks", num_tasks))
+    n = cast(int, checks.positive_int("cagrad_fast_groups", "n", n))
     if n > T:
         raise checks.fail("cagrad_fast_groups", f"n must be at most num_tasks={T}; got n={n}.")
     order = jax.random.permutation(key, T)
@@ -66,8 +70,8 @@ def cagrad_fast_weights(num_tasks: int, n: int) -> np.ndarray:
       >>> mtlopt.cagrad_fast_weights(5, 3)
       array([0.2, 0.2, 0.6], dtype=float32)
     """
-    T = checks.positive_int("cagrad_fast_weights", "num_tasks", num_tasks)
-    n = checks.positive_int("cagrad_fast_weights", "n", n)
+    T = cast(int, checks.positive_int("cagrad_fast_weights", "num_tasks", num_tasks))
+    n = cast(int, checks.positive_int("cagrad_fast_weights", "n", n))
     if n > T:
         raise checks.fail("cagrad_fast_weights", f"n must be at most num_tasks={T}; got n={n}.")
     return np.array([1.0] * (n - 1) + [T - n + 1.0], np.float32) / T

@@ -49,11 +49,12 @@ over- and underflow; the stop does not depend on it. Everything follows the Gram
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 from optax import projections
 
 HIGHEST = lax.Precision.HIGHEST
@@ -130,7 +131,7 @@ def uniform(mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return m / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def preference(weights, mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def preference(weights: Any, mask: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Weights on the active tasks: ``uniform`` where ``weights`` is None; a given ``(T,)``
     vector keeps its total when tasks are masked out (its active part rescaled)."""
     if weights is None:
@@ -156,6 +157,12 @@ class Rounding(NamedTuple):
     g: jax.Array
 
 
+# The callables a simplex problem is given by (see minimize_on_simplex).
+_ValueAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+_RoundingFn = Callable[[jax.Array], Rounding]
+_SizeFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 class _Eval(NamedTuple):
     f: jax.Array
     g: jax.Array
@@ -164,7 +171,15 @@ class _Eval(NamedTuple):
     slack: jax.Array  # F's rounding: a change of F smaller than this is no change
 
 
-def _evaluate(w, value_and_grad, rounding, size, mask, lower_bound, tol) -> _Eval:
+def _evaluate(
+    w: jax.Array,
+    value_and_grad: _ValueAndGrad,
+    rounding: _RoundingFn,
+    size: _SizeFn,
+    mask: jax.Array,
+    lower_bound: jax.Array | None,
+    tol: float,
+) -> _Eval:
     """F, its gradient, the duality gap at ``w`` and the bar it must reach.
 
     The gap is the Frank-Wolfe gap with each coordinate's gradient granted its rounding,
@@ -193,7 +208,17 @@ def _spread(G: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dist2, dist2 <= 8.0 * jnp.finfo(G.dtype).eps * (G[0, 0] + G[1, 1])
 
 
-def _two_tasks(a, free, w0, mask, value_and_grad, rounding, size, lower_bound, tol):
+def _two_tasks(
+    a: jax.Array,
+    free: jax.Array,
+    w0: jax.Array,
+    mask: jax.Array,
+    value_and_grad: _ValueAndGrad,
+    rounding: _RoundingFn,
+    size: _SizeFn,
+    lower_bound: jax.Array | None,
+    tol: float,
+) -> tuple[jax.Array, SolverInfo]:
     """The answer for T = 2 from ``a``, the weight of task 0 on the segment ``(a, 1 - a)``.
 
     Where ``free``, every point is optimal and the (projected) start is kept. One active task
@@ -239,7 +264,7 @@ def _kkt_solve(
     border = jnp.where(face, gamma * d, 0.0)  # (m, T)
     eye = jnp.eye(T, dtype=dtype)[None]
 
-    def kkt(diagonal):  # (m, T): what is added to the diagonal of S
+    def kkt(diagonal: jax.Array) -> jax.Array:  # (m, T): what is added to the diagonal of S
         upper = jnp.concatenate([S + eye * diagonal[:, None, :], border[:, :, None]], axis=2)
         lower = jnp.concatenate([border[:, None, :], jnp.zeros((m, 1, 1), dtype)], axis=2)
         return jnp.concatenate([upper, lower], axis=1)
@@ -340,10 +365,10 @@ def minimize_on_simplex(
         base = jnp.zeros((), dtype) if lower_bound is None else lower_bound
         size = lambda w, f, g: f - base
 
-    def evaluate(w):
+    def evaluate(w: jax.Array) -> _Eval:
         return _evaluate(w, value_and_grad, rounding, size, mask, lower_bound, tol)
 
-    def progress(c, f_new):
+    def progress(c: _Carry, f_new: jax.Array) -> jax.Array:
         # A decrease of the best F beyond its rounding.
         return f_new < c.best - c.e.slack
 
@@ -351,13 +376,13 @@ def minimize_on_simplex(
     zero = jnp.int32(0)
     carry = _Carry(w, w, jnp.ones((), dtype), e, zero, zero, e.f)
 
-    def cond(c):
+    def cond(c: _Carry) -> jax.Array:
         return (c.e.gap > c.e.bar) & (c.k < max_iters) & (c.stall < patience)
 
-    def pick(accept, new, old):
+    def pick(accept: jax.Array, new: _Eval, old: _Eval) -> _Eval:
         return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
 
-    def fista(c):
+    def fista(c: _Carry) -> _Carry:
         _, gy = value_and_grad(c.y)
         L = curvature(c.y)
         step = jnp.where(L > 0, 1.0 / jnp.where(L > 0, L, 1.0), 0.0)
@@ -379,7 +404,7 @@ def minimize_on_simplex(
 
     lengths = 0.25 ** jnp.arange(num_steps, dtype=dtype)
 
-    def candidates(w, d, support):
+    def candidates(w: jax.Array, d: jax.Array, support: jax.Array) -> jax.Array:
         # (a) along d as far as feasible (the blocking coordinates leave) and shorter;
         shrink = support & (d < 0)
         ratio = jnp.where(shrink, w / jnp.where(shrink, -d, 1.0), jnp.inf)
@@ -391,7 +416,7 @@ def minimize_on_simplex(
         wb = jax.vmap(lambda s: project(w + (base * s) * d, mask))(lengths)
         return jnp.concatenate([wa, wb])
 
-    def active_set_step(c):
+    def active_set_step(c: _Carry) -> tuple[_Carry, jax.Array]:
         lam = jnp.dot(c.e.g, c.w, precision=HIGHEST)
         support = mask & (c.w > 0)
         # Two faces: the support, and the support with the zero coordinates whose gradient
@@ -405,13 +430,13 @@ def minimize_on_simplex(
             sums.append(jnp.zeros((2, 2), dtype))
             ridges.append(jnp.full((2,), newton_ridge, dtype))
         if face_solve is not None:
-            fs = face_solve
-            rhs = jnp.zeros((T, 2), dtype).at[:, : fs.rhs.shape[1]].set(fs.rhs)
-            rhs_sum = jnp.zeros((2,), dtype).at[: fs.rhs_sum.shape[0]].set(fs.rhs_sum)
-            mats.append(jnp.broadcast_to(fs.matrix, (2, T, T)))
+            fsol = face_solve
+            rhs = jnp.zeros((T, 2), dtype).at[:, : fsol.rhs.shape[1]].set(fsol.rhs)
+            rhs_sum = jnp.zeros((2,), dtype).at[: fsol.rhs_sum.shape[0]].set(fsol.rhs_sum)
+            mats.append(jnp.broadcast_to(fsol.matrix, (2, T, T)))
             rhss.append(jnp.broadcast_to(rhs, (2, T, 2)))
             sums.append(jnp.broadcast_to(rhs_sum, (2, 2)))
-            ridges.append(jnp.full((2,), fs.ridge, dtype))
+            ridges.append(jnp.full((2,), fsol.ridge, dtype))
         n = len(mats)
         xs = _kkt_solve(
             jnp.concatenate(mats),
@@ -459,7 +484,7 @@ def minimize_on_simplex(
         body = fista
     else:
 
-        def body(c):
+        def body(c: _Carry) -> _Carry:
             out, accept = active_set_step(c)
             return lax.cond(accept, lambda: out, lambda: fista(c))
 
@@ -467,7 +492,9 @@ def minimize_on_simplex(
     return out.w, SolverInfo(out.k, out.e.gap, out.e.gap <= out.e.bar)
 
 
-def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_iters: int):
+def min_norm(
+    G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_iters: int
+) -> tuple[jax.Array, SolverInfo]:
     """The min-norm point of the convex hull: ``argmin_{w in simplex} w^T G w`` (G normalised).
 
     F is quadratic: the Newton step on a face is its exact minimiser there. ``F* >= 0``. The
@@ -478,11 +505,11 @@ def min_norm(G: jax.Array, w0: jax.Array, mask: jax.Array, *, tol: float, max_it
     A = jnp.abs(G)
     ulps = _ULPS * jnp.finfo(G.dtype).eps
 
-    def value_and_grad(w):
+    def value_and_grad(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         Gw = matvec(G, w)
         return jnp.dot(w, Gw, precision=HIGHEST), 2.0 * Gw
 
-    def rounding(w):
+    def rounding(w: jax.Array) -> Rounding:
         # F = w^T G w and (G w)_i are sums of terms w_i G_ij w_j and G_ij w_j: their rounding is
         # a few ulps of the sums of the terms' magnitudes, w^T |G| w <= (sum_i w_i sqrt(G_ii))^2
         # and (|G| w)_i. The latter is far larger for a task of large norm and small weight.
@@ -521,7 +548,7 @@ def cagrad_dual(
     *,
     tol: float,
     max_iters: int,
-):
+) -> tuple[jax.Array, SolverInfo]:
     """CAGrad's dual ``argmin_{w in simplex} w^T G b + rho * sqrt(w^T G w)`` (G normalised).
 
     On the affine hull of a face, the KKT conditions make the minimiser of F the QP solution
@@ -551,16 +578,16 @@ def cagrad_dual(
     Gb = matvec(G, b)
     floor = jnp.sqrt(jnp.asarray(jnp.finfo(dtype).tiny, dtype))
 
-    def norm_of(w):
+    def norm_of(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         Gw = matvec(G, w)
         return Gw, jnp.sqrt(jnp.maximum(jnp.dot(w, Gw, precision=HIGHEST), 0.0))
 
-    def value_and_grad(w):
+    def value_and_grad(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         Gw, norm = norm_of(w)
         value = jnp.dot(w, Gb, precision=HIGHEST) + rho * norm
         return value, Gb + (rho / jnp.maximum(norm, floor)) * Gw
 
-    def curvature(y):
+    def curvature(y: jax.Array) -> jax.Array:
         return rho * lam / jnp.maximum(norm_of(y)[1], floor)
 
     A = jnp.abs(G)
@@ -568,7 +595,7 @@ def cagrad_dual(
     eps = jnp.finfo(dtype).eps
     ulps = _ULPS * eps
 
-    def rounding(w):
+    def rounding(w: jax.Array) -> Rounding:
         # F = w^T G b + rho sqrt(q), q = w^T G w; grad F = G b + (rho / sqrt(q)) G w. The
         # rounding of q is dq (as for MGDA); that of sqrt(q) is at most dq / (2 sqrt(q)) and
         # sqrt(dq). The direction G w / sqrt(q) has rounding rho (|G| w / sqrt(q) +
@@ -587,18 +614,18 @@ def cagrad_dual(
         r_dir = rho * (ulps * Aw / n + jnp.abs(Gw) * dq / (2.0 * n * n * n))
         return Rounding(r_f, ulps * Ab + jnp.where(known, r_dir, 0.0))
 
-    def size(w, f, g):
+    def size(w: jax.Array, f: jax.Array, g: jax.Array) -> jax.Array:
         # |d - d*|^2 <= 2 rho (F(w) - F*) / |g_w| (see the docstring): F(w) - F* at most
         # tol * rho |g_w| / 2 puts d within sqrt(tol) * rho of d*.
         return 0.5 * rho * norm_of(w)[1]
 
-    def hessian(w):
+    def hessian(w: jax.Array) -> jax.Array:
         Gw, norm = norm_of(w)
         norm = jnp.maximum(norm, floor)
         u = Gw / norm
         return (rho / norm) * (G - u[:, None] * u[None, :])
 
-    def finish(x):
+    def finish(x: jax.Array) -> jax.Array:
         x0, x1 = x[:, 0], x[:, 1]
         q0 = jnp.maximum(quad(G, x0), 0.0)
         q01 = jnp.dot(x0, matvec(G, x1), precision=HIGHEST)
@@ -684,7 +711,16 @@ class _ConeCarry(NamedTuple):
     k: jax.Array  # int32
 
 
-def _cone_evaluate(G, A, U, X, live, diag, tol, ulps) -> _ConeEval:
+def _cone_evaluate(
+    G: jax.Array,
+    A: jax.Array,
+    U: jax.Array,
+    X: jax.Array,
+    live: jax.Array,
+    diag: jax.Array,
+    tol: float,
+    ulps: Any,
+) -> _ConeEval:
     """F, G v, the stop and the gap at ``v = U + X`` (any leading batch axes on X).
 
     With ``g = G v`` (each entry known to ``r = ulps (|G| |v|)``), the optimum ``x*`` and
@@ -713,7 +749,9 @@ def _cone_evaluate(G, A, U, X, live, diag, tol, ulps) -> _ConeEval:
     return _ConeEval(f, g, gap, viol, ok, rf)
 
 
-def _face_steps(G, root, g, faces, ridge):
+def _face_steps(
+    G: jax.Array, root: jax.Array, g: jax.Array, faces: jax.Array, ridge: float
+) -> jax.Array:
     """For each face F (a bool (k, T) batch) the Newton step of F on it: ``p`` with
     ``G_FF p_F = -g_F`` and ``p = 0`` off F (``g``: ``(k, T)``, G v at the current point).
 
@@ -808,10 +846,10 @@ def dual_cone(
     X = jnp.where(jnp.isfinite(X), X, 0.0)
     A = jnp.abs(G)
 
-    def evaluate(X):
+    def evaluate(X: jax.Array) -> _ConeEval:
         return _cone_evaluate(G, A, U, X, live, diag, tol, ulps)
 
-    def coordinate(X, e):
+    def coordinate(X: jax.Array, e: _ConeEval) -> tuple[jax.Array, jax.Array]:
         # The exact minimiser along the most violated coordinate j: x_j -= g_j / G_jj.
         score = jnp.where(e.viol, e.g / root[None, :], jnp.inf)
         j = jnp.argmin(score, axis=-1)
@@ -819,7 +857,7 @@ def dual_cone(
         step = -jnp.take_along_axis(e.g, j[:, None], axis=-1) / diag[j][:, None]
         return jnp.maximum(X + jnp.where(pick, step, 0.0), 0.0), pick
 
-    def info(e, k):
+    def info(e: _ConeEval, k: ArrayLike) -> SolverInfo:
         return SolverInfo(jnp.asarray(k, jnp.int32), jnp.max(e.gap).astype(dtype), jnp.all(e.ok))
 
     if T == 1:
@@ -830,7 +868,7 @@ def dual_cone(
         e = evaluate(X)
         return U + X, info(e, 0)
 
-    def candidates(X, e):
+    def candidates(X: jax.Array, e: _ConeEval) -> jax.Array:
         support = live[None, :] & (X > 0)
         X1, one = coordinate(X, e)
         # The primal-dual guess of the optimal face: the coordinates whose own Newton step
@@ -928,7 +966,7 @@ class BargainingInfo(NamedTuple):
     ridge: jax.Array
 
 
-def bargaining_cosines(gram: jax.Array, mask: jax.Array):
+def bargaining_cosines(gram: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(C, inv_norms, active)`` from a (pre-scaled) Gramian: the cosine matrix ``C`` (unit
     diagonal over the active tasks, zero rows and columns elsewhere), ``1 / sqrt(G_tt)`` (0 off
     the active tasks) and the active tasks: ``mask`` and a squared norm above ``tiny / eps`` of
@@ -988,7 +1026,7 @@ def bargaining(
     b0: jax.Array,
     active: jax.Array,
     *,
-    ridge: jax.Array,
+    ridge: ArrayLike,
     tol: float,
     max_iters: int,
     patience: int = 3,
@@ -1044,7 +1082,7 @@ def bargaining(
     warm = active & (b0 > 0) & jnp.isfinite(b0)
     b0 = jnp.where(warm, b0, 1.0)
 
-    def quad_active(A, x):
+    def quad_active(A: jax.Array, x: jax.Array) -> jax.Array:
         x = jnp.where(active, x, 0.0)
         return _vv(x, _mv(A, x))
 
@@ -1076,23 +1114,25 @@ def bargaining(
     steps = jnp.asarray(_NASH_STEPS, dtype)
     bound = 4.0 * m / ridge
 
-    def rescale(x):
+    def rescale(x: jax.Array) -> jax.Array:
         q = quad_active(A_act, x)
         good = (q > 0) & jnp.isfinite(q)
         s = jnp.sqrt(m / jnp.where(good, q, 1.0))
         return jnp.where(active, jnp.where(good, s, 1.0) * x, 1.0)
 
-    def residual(b, ulps=_ULPS):
+    def residual(
+        b: jax.Array, ulps: float = _ULPS
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         r = jnp.where(active, b * _mv(A, b) - 1.0, 0.0)
         allow = ulps * eps * b * _mv(A_abs, b)  # r's rounding, per task
         rmax = jnp.max(jnp.abs(r))
         return r, rmax <= tol, jnp.all(jnp.abs(r) <= tol + allow), rmax
 
-    def cond(c):
+    def cond(c: _NashCarry) -> jax.Array:
         done = c.strict | (c.near & ~c.gain) | (c.stall >= patience)
         return ~done & (c.k < max_iters) & jnp.all(jnp.isfinite(c.b))
 
-    def body(c):
+    def body(c: _NashCarry) -> _NashCarry:
         b, r = c.b, c.r
         Ab = _mv(A, b)
         M = b[:, None] * A * b[None, :] + eye
@@ -1109,7 +1149,7 @@ def bargaining(
         g1 = _vv(jnp.where(active, Ab, 0.0), p)
         g2 = quad_active(A_act, p)
 
-        def change(t):
+        def change(t: jax.Array) -> tuple[jax.Array, jax.Array]:
             # f(x) - f(b) at x = b (1 + t q), and at x rescaled by its best factor s(t).
             x = 1.0 + t * q
             inside = jnp.all(x > 0)
@@ -1248,10 +1288,12 @@ def fair(
     A_act_abs = jnp.abs(A_act)
     steps = jnp.asarray(_FAIR_STEPS, dtype)
 
-    def pw(x, e):  # x^e for x > 0
+    def pw(x: jax.Array, e: ArrayLike) -> jax.Array:  # x^e for x > 0
         return jnp.exp(e * jnp.log(x))
 
-    def residual(w, ulps=_ULPS):
+    def residual(
+        w: jax.Array, ulps: float = _ULPS
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         Aw = _mv(A, w)
         wp = pw(w, p)
         r = jnp.where(active, wp * Aw - 1.0, 0.0)
@@ -1259,11 +1301,11 @@ def fair(
         rmax = jnp.max(jnp.abs(r))
         return r, rmax <= tol, jnp.all(jnp.abs(r) <= tol + allow), rmax
 
-    def cond(c):
+    def cond(c: _NashCarry) -> jax.Array:
         done = c.strict | (c.near & ~c.gain) | (c.stall >= patience)
         return ~done & (c.k < max_iters) & jnp.all(jnp.isfinite(c.b))
 
-    def body(c):
+    def body(c: _NashCarry) -> _NashCarry:
         w, r = c.b, c.r
         u = jnp.where(active, pw(w, 1.0 - p), 1.0)
         Aw = _mv(A, w)
@@ -1280,7 +1322,7 @@ def fair(
         g1 = _vv(jnp.where(active, Aw, 0.0), d)
         g2 = _vv(d, _mv(A_act, d))
 
-        def change(t):
+        def change(t: jax.Array) -> jax.Array:
             x = t * q
             inside = jnp.all(x > -1.0)
             hs = jnp.sum(
@@ -1398,14 +1440,14 @@ def priority_qp(
     atol = tol * jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(dtype).tiny)
     idx = jnp.arange(n, dtype=jnp.int32)
 
-    def slacks_of(mu, active):
+    def slacks_of(mu: jax.Array, active: jax.Array) -> jax.Array:
         s = _mv(Gs, mu) - b
         return jnp.where(active | ~live, 0.0, s)
 
-    def cond(c):
+    def cond(c: _QPCarry) -> jax.Array:
         return ~c.done & (c.k < max_iters)
 
-    def body(c):
+    def body(c: _QPCarry) -> _QPCarry:
         s = slacks_of(c.mu, c.active)
         p_new = jnp.argmin(s)
         violated = s[p_new] < -atol

@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,7 @@ def _outer_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax.Ar
     """acc (T, T, L) + one leaf's outer products: a loop of 8 slices per step, then the tail."""
     n = m.shape[1] // _OUTER_COLUMNS
 
-    def body(i, acc):
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
         chunk = lax.dynamic_slice_in_dim(m, i * _OUTER_COLUMNS, _OUTER_COLUMNS, axis=1)
         return _add_outer(acc, chunk, scale)
 
@@ -114,7 +114,7 @@ def _dot_loop_leaf(acc: jax.Array, m: jax.Array, scale: jax.Array | None) -> jax
     """acc (T, T) + one leaf's Gramian by small dots over column slices, then the tail."""
     n = m.shape[1] // _CHUNK_COLUMNS
 
-    def body(i, acc):
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
         chunk = lax.dynamic_slice_in_dim(m, i * _CHUNK_COLUMNS, _CHUNK_COLUMNS, axis=1)
         return acc + _self_gram(chunk, scale)
 
@@ -214,7 +214,7 @@ def _cpu_gramian(
     if use_native is None:
         use_native = native.available(T)
 
-    def route(m):
+    def route(m: jax.Array) -> str:
         if m.shape[1] <= small_leaf:
             return "dot"
         return "native" if use_native and m.dtype == jnp.float32 else "loop"
@@ -244,13 +244,15 @@ def _native_scaled_gram(m: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 @_native_scaled_gram.defjvp
-def _native_scaled_gram_jvp(primals, tangents):
+def _native_scaled_gram_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
     return _native_scaled_gram(*primals), jax.jvp(_self_gram, primals, tangents)[1]
 
 
 def _one_dot_gramian(matrices: list[jax.Array], scale: jax.Array | None) -> jax.Array:
     acc = acc_dtype(*(m.dtype for m in matrices))
-    return sum(_self_gram(m, scale).astype(acc) for m in matrices)
+    return cast(jax.Array, sum(_self_gram(m, scale).astype(acc) for m in matrices))
 
 
 def gramian(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
@@ -320,12 +322,12 @@ def sq_norms(task_grads: Any, scale: jax.Array | None = None) -> jax.Array:
     leaves = jax.tree.leaves(task_grads)
     acc = acc_dtype(*(x.dtype for x in leaves))
 
-    def leaf(x):
+    def leaf(x: jax.Array) -> jax.Array:
         m = as_matrix(x).astype(acc)
         m = m if scale is None else m * scale.astype(acc)
         return jnp.sum(m * m, axis=1)
 
-    return sum(leaf(x) for x in leaves)
+    return cast(jax.Array, sum(leaf(x) for x in leaves))
 
 
 # Pass 2, sum_t w[t] * J[t] per leaf: one XLA dot. Measured side by side in one process
@@ -356,9 +358,9 @@ def _combine_xla(w: jax.Array, m: jax.Array) -> jax.Array:
     return lax.dot_general(w.astype(acc), m, (((0,), (0,)), ((), ())), precision=HIGHEST)
 
 
-def _add_tangents(*terms):
-    terms = [t for t in terms if t is not None]
-    return functools.reduce(jnp.add, terms) if terms else None
+def _add_tangents(*terms: jax.Array | None) -> jax.Array | None:
+    present = [t for t in terms if t is not None]
+    return functools.reduce(jnp.add, present) if present else None
 
 
 @functools.partial(jax.custom_jvp)
@@ -367,7 +369,9 @@ def _native_combine(w: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return native.combine_call(m, w)
 
 
-def _native_combine_jvp(primals, tangents):
+def _native_combine_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     (w, m), (dw, dm) = primals, tangents
     out, check = _native_combine(w, m)
     zero = jax.custom_derivatives.SymbolicZero
@@ -386,7 +390,9 @@ def _native_fill(ok: jax.Array, fill: jax.Array, x: jax.Array) -> jax.Array:
     return native.fill_unless_call(ok, fill, x)
 
 
-def _native_fill_jvp(primals, tangents):
+def _native_fill_jvp(
+    primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[Any, Any, Any]
+) -> tuple[jax.Array, jax.Array]:
     ok, fill, x = primals
     _, dfill, dx = tangents
     zero = jax.custom_derivatives.SymbolicZero
@@ -402,7 +408,9 @@ def _native_leaf(m: jax.Array, use_native: bool) -> bool:
     return use_native and m.dtype == jnp.float32 and m.size > 0
 
 
-def _combine_leaves(w, matrices, *, cpu: bool, use_native: bool | None = None):
+def _combine_leaves(
+    w: jax.Array, matrices: list[jax.Array], *, cpu: bool, use_native: bool | None = None
+) -> tuple[list[jax.Array], list[jax.Array | None]]:
     """Per matrix ``(T, C)``: ``w @ m`` and, for kernel leaves, the kernel's check (else None).
 
     ``use_native`` (tests, benchmarks) forces the kernel on or off for float32 leaves on CPU."""
@@ -419,10 +427,12 @@ def _combine_leaves(w, matrices, *, cpu: bool, use_native: bool | None = None):
     return outs, checks_
 
 
-def _combine_matrices(w, matrices, with_flag: bool, use_native: bool | None = None):
+def _combine_matrices(
+    w: jax.Array, matrices: list[jax.Array], with_flag: bool, use_native: bool | None = None
+) -> tuple[list[jax.Array], jax.Array | None]:
     """The outputs ``(C,)`` per matrix, and with ``with_flag`` whether all are finite."""
 
-    def run(*ms, cpu):
+    def run(*ms: jax.Array, cpu: bool) -> tuple[list[jax.Array], jax.Array | None]:
         outs, kernel_checks = _combine_leaves(w, list(ms), cpu=cpu, use_native=use_native)
         if not with_flag:
             return outs, None
@@ -497,13 +507,13 @@ def fill_unless(ok: jax.Array, tree: Any, fill: float | jax.Array = 0.0) -> Any:
     ok = jnp.asarray(ok, bool)
     fill = jnp.asarray(fill, jnp.float32)
 
-    def by_cond(xs):
+    def by_cond(xs: list[jax.Array]) -> list[jax.Array]:
         if not xs:
             return []
         filled = lambda: [jnp.full(x.shape, fill, x.dtype) for x in xs]
         return lax.cond(ok, lambda: list(xs), filled)
 
-    def cpu(*xs):
+    def cpu(*xs: jax.Array) -> list[jax.Array]:
         if not native.available():
             return by_cond(list(xs))
         kernel = [x.dtype == jnp.float32 and x.size > 0 for x in xs]
@@ -523,7 +533,7 @@ def scale_tasks(scales: jax.Array, task_grads: Any) -> Any:
     """Row ``t`` of every leaf multiplied by ``scales[t]``; leading T axis and dtypes kept."""
     s = jnp.asarray(scales, jnp.float32)
 
-    def leaf(x):
+    def leaf(x: jax.Array) -> jax.Array:
         row = s.reshape((-1,) + (1,) * (x.ndim - 1))
         return (x.astype(jnp.float32) * row).astype(x.dtype)
 
@@ -533,7 +543,7 @@ def scale_tasks(scales: jax.Array, task_grads: Any) -> Any:
 def select_tasks(mask: jax.Array, task_grads: Any) -> Any:
     """Rows of tasks outside ``mask`` set to zero (so their NaNs cannot leak into a sum)."""
 
-    def leaf(x):
+    def leaf(x: jax.Array) -> jax.Array:
         keep = mask.reshape((-1,) + (1,) * (x.ndim - 1))
         return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
@@ -552,7 +562,7 @@ def all_finite(tree: Any) -> jax.Array:
     # Not max |x| <= finfo.max: XLA:CPU's vectorised max reduction drops NaNs (measured here,
     # jax 0.10: a NaN at any position of a 4096- or 1e5-element vector went unseen, so mean()
     # let a NaN update through). The sum also costs less: 0.08 ms against 0.16 ms at P = 1e6.
-    def leaf(x):
+    def leaf(x: jax.Array) -> jax.Array:
         acc = acc_dtype(x.dtype)
         return jnp.isfinite(jnp.sum(x.astype(acc) * jnp.asarray(2.0**-40, acc)))
 
@@ -608,16 +618,16 @@ class TaskScaled:
              [2. , 2. , 2. ]], dtype=float32)
     """
 
-    def __init__(self, grads: Any, scales: jax.Array, ok: Any = True):
+    def __init__(self, grads: Any, scales: jax.Array, ok: Any = True) -> None:
         self.grads = grads
         self.scales = scales
         self.ok = ok
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[Any, Any, Any], None]:
         return (self.grads, self.scales, self.ok), None
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: None, children: tuple[Any, Any, Any]) -> TaskScaled:
         del aux
         return cls(*children)
 
@@ -630,7 +640,7 @@ class TaskScaled:
         out = scale_tasks(self.scales, self.grads)
         return jax.tree.map(lambda x: jnp.where(self.ok, x, jnp.asarray(fill, x.dtype)), out)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"TaskScaled(grads={self.grads!r}, scales={self.scales!r}, ok={self.ok!r})"
 
 
@@ -654,7 +664,7 @@ def task_zeros(params: Any, T: int, dtype: Any = None) -> Any:
     small losses overflows float16); or an explicit dtype.
     """
 
-    def leaf(x):
+    def leaf(x: Any) -> jax.Array:
         want = dtype if dtype is not None else state_dtype(jnp.result_type(x))
         if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
             if isinstance(x, jax.ShapeDtypeStruct):

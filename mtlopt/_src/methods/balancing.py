@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ def log_scales(losses: jax.Array, eps: Any) -> jax.Array:
 class LogTransformState(NamedTuple):
     """State of :func:`log_transform`: steps seen (any task active) and steps skipped."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
 
 
@@ -87,7 +87,7 @@ class DBMTLState(NamedTuple):
     """State of :func:`db_mtl`: ``ema_grads`` holds the EMA of each task's log-loss gradient, a
     params-shaped tree of ``(T, *leaf_shape)`` arrays (``None`` at task-specific leaves)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     ema_grads: Any
@@ -168,12 +168,12 @@ def db_mtl(
     beta_sigma = checks.nonnegative(name, "beta_sigma", beta_sigma)
     eps = checks.nonnegative(name, "eps", eps)
 
-    def init_extra(T, shared):
+    def init_extra(T: int, shared: Any) -> dict:
         if shared is None:
             raise checks.fail(name, "init needs the params: the EMA state is shaped like them.")
         return {"ema_grads": tree.task_zeros(shared, T, ema_dtype)}
 
-    def prepare(shared, ctx: build.Context):
+    def prepare(shared: list, ctx: build.Context) -> build.Prepared:
         dtype = ctx.dtype
         scales = log_scales(ctx.losses, eps).astype(dtype)
         if ctx.scales is not None:
@@ -186,9 +186,10 @@ def db_mtl(
         ok = ctx.ok & jnp.all(jnp.isfinite(jnp.where(ctx.mask, scales, 0.0)))
         ok &= tree.all_finite(shared)
         keep = ctx.mask & ok
+        treedef: Any  # (jax's PyTreeDef does not resolve for mypy)
         old_leaves, treedef = jax.tree.flatten(ctx.state.ema_grads)
 
-        def leaf(g, old):
+        def leaf(g: jax.Array, old: jax.Array) -> tuple[jax.Array, jax.Array]:
             rows = (-1,) + (1,) * (g.ndim - 1)
             g = g.astype(dtype) * scales.reshape(rows)
             new = tree.saturate(g + beta_k * (old.astype(dtype) - g), old.dtype)  # never inf
@@ -199,10 +200,10 @@ def db_mtl(
 
         pairs = [leaf(g, old) for g, old in zip(shared, old_leaves, strict=True)]
         ema = [p[0] for p in pairs]
-        sq = sum(p[1] for p in pairs) if pairs else None
+        sq = cast(jax.Array, sum(p[1] for p in pairs)) if pairs else None
         return build.Prepared(ema, {"ema_grads": treedef.unflatten(ema)}, ok, sq)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         norms = jnp.sqrt(jnp.maximum(ctx.gram, 0.0))
         active = ctx.mask & (norms > 0)
         top = jnp.max(jnp.where(active, norms, 0.0))
@@ -234,7 +235,7 @@ def db_mtl(
 class NTKMTLState(NamedTuple):
     """State of :func:`ntkmtl`: the step counters and, with ``num_tasks``, the last weights."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -346,7 +347,7 @@ def ntkmtl(
         checks.concrete(max_norm) and float(np.asarray(max_norm)) == 0.0
     )
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         diag = jnp.diagonal(ctx.gram) if ctx.gram.ndim == 2 else ctx.gram
         return ntkmtl_weights(diag, ctx.mask, ntk_exp), {}
 

@@ -25,7 +25,7 @@ class NashMTLState(NamedTuple):
     ``ridge``).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     alpha: jax.Array
@@ -148,7 +148,7 @@ def nash_mtl(
             "the weights reused between refreshes); e.g. mtlopt.nash_mtl(num_tasks=3).",
         )
     max_norm = checks.nonnegative(name, "max_norm", max_norm)
-    every = update_weights_every
+    every: Any = update_weights_every
     if checks.concrete(every):
         every = checks.positive_int(name, "update_weights_every", every)
     elif np.ndim(every) != 0:
@@ -160,7 +160,7 @@ def nash_mtl(
     if ridge is not None:
         ridge = checks.positive(name, "ridge", ridge)
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         leaves = jax.tree.leaves(shared)
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in leaves)) if leaves else jnp.float32
         info = BargainingInfo(
@@ -172,7 +172,7 @@ def nash_mtl(
         zeros = lambda: jnp.zeros((T,), dtype)
         return {"alpha": zeros(), "unit_weights": zeros(), "solver": info}
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype = ctx.dtype
         gram = ctx.gram.astype(dtype)
         scale = ctx.gram_scale.astype(dtype)  # the true Gramian is gram * scale**2

@@ -29,7 +29,7 @@ Numerics (the reasons for what the functions below do):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -66,7 +66,7 @@ _MAX_SWEEPS = 32
 class IMTLGState(NamedTuple):
     """State of :func:`imtl_g`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -74,7 +74,7 @@ class IMTLGState(NamedTuple):
 class AlignedMTLState(NamedTuple):
     """State of :func:`aligned_mtl`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -82,7 +82,7 @@ class AlignedMTLState(NamedTuple):
 class ConFIGState(NamedTuple):
     """State of :func:`config`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -90,7 +90,7 @@ class ConFIGState(NamedTuple):
 class KrumState(NamedTuple):
     """State of :func:`krum`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -99,7 +99,7 @@ class KrumState(NamedTuple):
 # Shared pieces
 
 
-def _unit_gramian(gram: jax.Array, mask: jax.Array):
+def _unit_gramian(gram: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(Gu, n, live)``: the unit Gramian ``G_st / (n_s n_t)`` of the live tasks (zero rows
     and columns elsewhere, diagonal exactly 1) and the norms (1 where not live). Live: active,
     with a squared norm that is a normal number; the others count as zero gradients (squared
@@ -116,11 +116,11 @@ def _unit_gramian(gram: jax.Array, mask: jax.Array):
     return Gu, n, live
 
 
-def _active_count(mask: jax.Array, dtype) -> jax.Array:
+def _active_count(mask: jax.Array, dtype: Any) -> jax.Array:
     return jnp.sum(mask).astype(dtype)
 
 
-def _default_rcond(mask: jax.Array, dtype, rcond: Any) -> jax.Array:
+def _default_rcond(mask: jax.Array, dtype: Any, rcond: Any) -> jax.Array:
     """``rcond``, or ``_RCOND * T * eps`` (T the active tasks: masking a task changes nothing
     else)."""
     if rcond is None:
@@ -146,7 +146,7 @@ def _pinv_apply(Gu: jax.Array, w: jax.Array, rcond: jax.Array) -> jax.Array:
     return jnp.dot(V, inv * _project(V, w), precision=HIGHEST)
 
 
-def _pref(name: str, pref_vector: Any, num_tasks: int | None):
+def _pref(name: str, pref_vector: Any, num_tasks: int | None) -> Any:
     """Checks a preference vector (None, or a finite 1-D sequence; traced arrays pass)."""
     if pref_vector is None:
         return None
@@ -182,7 +182,15 @@ def _rcond_arg(name: str, rcond: Any) -> Any:
     return None if rcond is None else checks.nonnegative(name, "rcond", rcond, upper=1.0)
 
 
-def _aggregate(name, state_cls, weights_fn, num_tasks, task_specific, nonfinite, groups):
+def _aggregate(
+    name: str,
+    state_cls: type[Any],
+    weights_fn: Callable[[build.Context], tuple[jax.Array, dict]],
+    num_tasks: int | None,
+    task_specific: Any,
+    nonfinite: str,
+    groups: Any,
+) -> optax.GradientTransformationExtraArgs:
     method = build.Method(name, state_cls, weights_fn)
     return build.aggregator(
         method,
@@ -290,7 +298,7 @@ def imtl_g(
     name = "imtl_g"
     rcond = _rcond_arg(name, rcond)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         # Homogeneous of degree 0: the pre-scaled ctx.gram serves as well as the true Gramian.
         return imtl_g_weights(ctx.gram, ctx.mask, rcond), {}
 
@@ -322,7 +330,7 @@ def config_weights(
 
 def config(
     *,
-    pref_vector: Sequence[float] | jax.Array | None = None,
+    pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
     rcond: float | None = None,
     num_tasks: int | None = None,
     task_specific: Any = None,
@@ -400,7 +408,7 @@ def config(
     pref_vector = _pref(name, pref_vector, num_tasks)
     rcond = _rcond_arg(name, rcond)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         # Homogeneous of degree 0: the pre-scaled ctx.gram serves as well as the true Gramian.
         pref = _pref_weights(name, pref_vector, ctx)
         return config_weights(ctx.gram, ctx.mask, pref, rcond), {}
@@ -447,7 +455,7 @@ def _jacobi_eigh(G: jax.Array) -> tuple[jax.Array, jax.Array]:
     pair |= pair.T
     eps = jnp.finfo(dtype).eps
 
-    def rotate(_, AV):
+    def rotate(_: jax.Array, AV: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         A, V = AV
         d = jnp.diagonal(A)
         a, b = d[:h], d[h:]
@@ -472,17 +480,19 @@ def _jacobi_eigh(G: jax.Array) -> tuple[jax.Array, jax.Array]:
         A = jnp.where(pair, 0.0, jnp.where(eye, diag[None, :], A))
         return A[perm][:, perm], V[:, perm]
 
-    def unconverged(A):
+    def unconverged(A: jax.Array) -> jax.Array:
         d = jnp.abs(jnp.diagonal(A))
         off = jnp.where(eye, 0.0, jnp.abs(A))
         return jnp.any(off > eps * jnp.sqrt(d[:, None] * d[None, :]))
 
-    def sweep(state):
+    def sweep(
+        state: tuple[jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         k, A, V = state
         A, V = lax.fori_loop(0, n - 1, rotate, (A, V))
         return k + 1, A, V
 
-    def cond(state):
+    def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         k, A, _ = state
         return (k < _MAX_SWEEPS) & unconverged(A)
 
@@ -541,7 +551,7 @@ def aligned_mtl(
     scale_mode: str = "min",
     *,
     reduction: str = "sum",
-    pref_vector: Sequence[float] | jax.Array | None = None,
+    pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
     rcond: float | None = None,
     num_tasks: int | None = None,
     task_specific: Any = None,
@@ -624,7 +634,7 @@ def aligned_mtl(
     pref_vector = _pref(name, pref_vector, num_tasks)
     rcond = _rcond_arg(name, rcond)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         # Homogeneous of degree 0: the pre-scaled ctx.gram serves as well as the true Gramian.
         pref = _pref_weights(name, pref_vector, ctx)
         if reduction == "mean":
@@ -749,7 +759,7 @@ def krum(
     if num_tasks is not None and checks.concrete(num_tasks):
         _krum_tasks(name, int(num_tasks), n_byzantine, n_selected, "built with num_tasks =")
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         _krum_tasks(name, ctx.T, n_byzantine, n_selected, "the task grads have")
         # Distances scale with the Gramian, the selection does not: ctx.gram (pre-scaled) serves.
         return krum_weights(ctx.gram, ctx.mask, n_byzantine, n_selected, squared), {}

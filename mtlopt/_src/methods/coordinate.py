@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from mtlopt._src import build, checks, rng
 class TrimmedMeanState(NamedTuple):
     """State of :func:`trimmed_mean` (``weights`` is always None: see the docstring)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: None
 
@@ -65,7 +66,7 @@ def _trim_by_extraction(x: jax.Array, mask: jax.Array, b: int, k: jax.Array) -> 
                 best = jnp.where(better, rows[t], best)
                 index = jnp.where(better, t, index)
             out = [o | ((index == t) & use) for t, o in enumerate(out)]
-    return sum(jnp.where(o, 0.0, v) for o, v in zip(out, rows, strict=True))
+    return cast(jax.Array, sum(jnp.where(o, 0.0, v) for o, v in zip(out, rows, strict=True)))
 
 
 def trimmed_mean(
@@ -155,7 +156,7 @@ class GradDropState(NamedTuple):
     """State of :func:`graddrop` (``weights`` is always None; ``key`` is raw PRNG key data,
     split every step)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: None
     key: jax.Array
@@ -181,7 +182,7 @@ def graddrop_uniforms(key: jax.Array, n: int, dtype: Any = jnp.float32) -> jax.A
     return (b.astype(dtype) + 0.5) * (2.0**-_UNIFORM_BITS)
 
 
-def _task_sum(x: jax.Array, term) -> Any:
+def _task_sum(x: jax.Array, term: Callable[[jax.Array, Any], Any]) -> Any:
     """``sum_t term(x[t], t)`` over the rows of ``x`` (T, C), per column, for ``term`` returning
     an array or a tuple of arrays (C,): one elementwise chain (one read of x) up to
     ``_UNROLL_TASKS`` tasks, a loop over the tasks past it."""
@@ -202,10 +203,13 @@ def graddrop_rows(x: jax.Array, u: jax.Array, leak: Any) -> jax.Array:
     each row's dropped part leaking by ``leak`` (a scalar or ``(T,)``), the rows summed."""
     lk = jnp.asarray(leak, x.dtype)
     if lk.ndim == 0:
-        term = lambda r, t: (jnp.maximum(r, 0.0), jnp.minimum(r, 0.0))
+
+        def term(r: jax.Array, t: Any) -> tuple[jax.Array, ...]:
+            return jnp.maximum(r, 0.0), jnp.minimum(r, 0.0)
+
     else:  # and each row's leak of its positive and negative parts
 
-        def term(r, t):
+        def term(r: jax.Array, t: Any) -> tuple[jax.Array, ...]:
             pos, neg = jnp.maximum(r, 0.0), jnp.minimum(r, 0.0)
             return pos, neg, lk[t] * pos, lk[t] * neg
 

@@ -24,7 +24,7 @@ class UPGradState(NamedTuple):
     """State of :func:`upgrad`. ``dual`` is ``(T, T)``: row i is the last solution ``v_i`` of
     task i's projection (for ``u = e_i``), the warm start of the next solve."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     dual: jax.Array | None
@@ -34,7 +34,7 @@ class UPGradState(NamedTuple):
 class DualProjState(NamedTuple):
     """State of :func:`dualproj`. ``dual`` is the last solution v (the warm start)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     dual: jax.Array | None
@@ -68,7 +68,9 @@ def _gramian(ctx: build.Context, reg_eps: Any, norm_eps: Any) -> jax.Array:
     return Gn + jnp.diag(ridge)
 
 
-def _check_common(name, tol, max_iters, reg_eps, norm_eps):
+def _check_common(
+    name: str, tol: Any, max_iters: Any, reg_eps: Any, norm_eps: Any
+) -> tuple[Any, Any]:
     checks.positive_int(name, "max_iters", max_iters)
     checks.positive(name, "tol", tol)
     return checks.nonnegative(name, "reg_eps", reg_eps), checks.nonnegative(
@@ -77,7 +79,7 @@ def _check_common(name, tol, max_iters, reg_eps, norm_eps):
 
 
 def upgrad(
-    pref_vector: Sequence[float] | jax.Array | None = None,
+    pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
     *,
     num_tasks: int | None = None,
     reg_eps: float = 0.0,
@@ -159,7 +161,7 @@ def upgrad(
         else checks.weight_vector(name, "pref_vector", pref_vector, num_tasks)
     )
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         mask, dtype, T = ctx.mask, ctx.dtype, ctx.T
         G = _gramian(ctx, reg_eps, norm_eps)
         U = jnp.where(mask[:, None], jnp.eye(T, dtype=dtype), 0.0)
@@ -171,7 +173,7 @@ def upgrad(
         extras = {} if ctx.state.dual is None else {"dual": V, "solver": info}
         return w, extras
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         if T is None:
             return {"dual": None, "solver": None}
         return {"dual": jnp.array(np.eye(T, dtype=np.float32)), "solver": _info()}
@@ -189,7 +191,7 @@ def upgrad(
 
 
 def dualproj(
-    pref_vector: Sequence[float] | jax.Array | None = None,
+    pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
     *,
     num_tasks: int | None = None,
     reg_eps: float = 0.0,
@@ -255,7 +257,7 @@ def dualproj(
         else checks.weight_vector(name, "pref_vector", pref_vector, num_tasks)
     )
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         mask, dtype = ctx.mask, ctx.dtype
         G = _gramian(ctx, reg_eps, norm_eps)
         u = solvers.preference(pref, mask, dtype)
@@ -266,7 +268,7 @@ def dualproj(
         extras = {} if ctx.state.dual is None else {"dual": V[0], "solver": info}
         return V[0], extras
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         if T is None:
             return {"dual": None, "solver": None}
         return {"dual": jnp.array(np.full((T,), 1.0 / T, np.float32)), "solver": _info()}

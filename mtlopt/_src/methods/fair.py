@@ -25,7 +25,7 @@ class FairGradState(NamedTuple):
     None without ``num_tasks``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     unit_weights: jax.Array | None
@@ -144,7 +144,7 @@ def fairgrad(
         ridge = checks.positive(name, "ridge", ridge)
     zero_alpha = checks.concrete(alpha) and float(alpha) == 0.0
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         if T is None:
             return {"unit_weights": None, "solver": None}
         leaves = jax.tree.leaves(shared)
@@ -157,7 +157,7 @@ def fairgrad(
         )
         return {"unit_weights": jnp.zeros((T,), dtype), "solver": info}
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype = ctx.dtype
         stateful = ctx.state.unit_weights is not None
         if zero_alpha:
@@ -223,7 +223,7 @@ class PCDState(NamedTuple):
     (:class:`~mtlopt._src.solvers.PriorityInfo`: ``num_steps``, ``violation``, ``feasible``).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     sq_norm_ema: jax.Array
@@ -327,7 +327,7 @@ def pcd(
             "num_tasks is required (the state keeps the moving average of the squared gradient "
             "norms); e.g. mtlopt.pcd(num_tasks=3).",
         )
-    T0 = checks.positive_int(name, "num_tasks", num_tasks)
+    T0: Any = checks.positive_int(name, "num_tasks", num_tasks)
     if np.ndim(tau) == 0:
         tau = checks.nonnegative(name, "tau", tau, upper=1.0)
     else:
@@ -351,7 +351,7 @@ def pcd(
     if max_iters is not None:
         checks.positive_int(name, "max_iters", max_iters)
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         leaves = jax.tree.leaves(shared)
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in leaves)) if leaves else jnp.float32
         info = solvers.PriorityInfo(jnp.zeros((), jnp.int32), jnp.zeros((), dtype), jnp.array(True))
@@ -362,7 +362,7 @@ def pcd(
             "solver": info,
         }
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype = ctx.dtype
         T = ctx.T
         fi = jnp.finfo(dtype)

@@ -28,6 +28,7 @@ Conventions shared by the three methods (the reasons for what the functions belo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +56,7 @@ class UWState(NamedTuple):
     """State of :func:`uw`: the log-variances ``s_t = log sigma_t^2`` and their optimizer's
     state."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     log_vars: jax.Array
@@ -65,7 +66,7 @@ class UWState(NamedTuple):
 class IMTLLState(NamedTuple):
     """State of :func:`imtl_l`: the log-scales ``s_t`` and their optimizer's state."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     log_scales: jax.Array
@@ -75,7 +76,7 @@ class IMTLLState(NamedTuple):
 class IMTLState(NamedTuple):
     """State of :func:`imtl`: the log-scales ``s_t`` and their optimizer's state."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     log_scales: jax.Array
@@ -114,8 +115,10 @@ def _bounds(name: str, init: Any, bound: Any) -> tuple[Any, Any]:
     return init, bound
 
 
-def _init_fn(opt: optax.GradientTransformation, init: Any, field: str):
-    def init_extra(T, shared):
+def _init_fn(
+    opt: optax.GradientTransformation, init: Any, field: str
+) -> Callable[[int, Any], dict]:
+    def init_extra(T: int, shared: Any) -> dict:
         del shared
         value, opt_state = learned.init(opt, jnp.full((T,), init, jnp.float32))
         return {field: value, "opt_state": opt_state}
@@ -131,7 +134,14 @@ def _finite(tree_: Any) -> jax.Array:
     return ok
 
 
-def _step(opt, grad, value, opt_state, mask, bound):
+def _step(
+    opt: optax.GradientTransformation,
+    grad: jax.Array,
+    value: jax.Array,
+    opt_state: Any,
+    mask: jax.Array,
+    bound: Any,
+) -> tuple[jax.Array, Any, jax.Array]:
     """One step of the learned parameters: ``(new value, new optimizer state, ok)``, the value
     projected onto ``[-bound, bound]``; ``ok`` False where the new state is not finite."""
     grad = jnp.clip(jnp.where(mask, grad, 0.0), -_MAX_GRAD, _MAX_GRAD)
@@ -238,7 +248,7 @@ def uw(
     opt = learned.optimizer(name, learning_rate, optimizer)
     half = form == "kendall"
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         s, mask = ctx.state.log_vars, ctx.mask
         e = jnp.exp(-s.astype(ctx.dtype))
         w = 0.5 * e if half else e
@@ -263,7 +273,9 @@ def uw(
 # IMTL-L
 
 
-def _imtl_l_step(opt, bound, ctx: build.Context):
+def _imtl_l_step(
+    opt: optax.GradientTransformation, bound: Any, ctx: build.Context
+) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """IMTL-L's step on ``s``: ``(exp(s), new s, new optimizer state, ok)``, ``ok`` False where
     an active loss is not positive or the new state is not finite."""
     s, mask = ctx.state.log_scales, ctx.mask
@@ -346,7 +358,7 @@ def imtl_l(
     init, bound = _bounds(name, init, bound)
     opt = learned.optimizer(name, learning_rate, optimizer)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         e, new, opt_state, ok = _imtl_l_step(opt, bound, ctx)
         w = jnp.where(ok, jnp.where(ctx.mask, e, 0.0), jnp.nan)
         return w, {"log_scales": new, "opt_state": opt_state}
@@ -450,10 +462,10 @@ def imtl(
     rcond = _rcond_arg(name, rcond)
     opt = learned.optimizer(name, learning_rate, optimizer)
 
-    def scales(ctx: build.Context):
+    def scales(ctx: build.Context) -> jax.Array:
         return jnp.exp(ctx.state.log_scales.astype(ctx.dtype))
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         # ctx.gram is the Gramian of the scaled gradients, S G S (pre-scaled: IMTL-G's weights
         # are homogeneous of degree 0 in it); the skeleton multiplies the weights by S.
         _, new, opt_state, ok = _imtl_l_step(opt, bound, ctx)

@@ -17,7 +17,7 @@ class DWAState(NamedTuple):
     the mean losses of the last two finished epochs; ``epochs`` counts the finished ones and
     ``epoch_length`` the steps of the running one (steps where a task took part)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     epoch_sum: jax.Array
@@ -123,7 +123,7 @@ def dwa(
     if window is not None:
         window = checks.count(name, "window", window, 1)
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         del shared
         zeros = lambda: jnp.zeros((T,), jnp.float32)
         return {
@@ -135,7 +135,7 @@ def dwa(
             "epoch_length": jnp.zeros((), jnp.int32),
         }
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         s, dtype, mask = ctx.state, ctx.dtype, ctx.mask
         flag = ctx.signals["new_epoch"]
         if flag is None and window is None:
@@ -200,7 +200,7 @@ class RLWState(NamedTuple):
     ``spread`` (``distribution="random_normal"`` only, else None) is the raw key data from
     which the fixed per-task means and standard deviations are drawn (never split)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     key: jax.Array
@@ -227,7 +227,11 @@ def _masked_softmax(z: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def rlw_draw(
-    distribution: str, key: jax.Array, mask: jax.Array, dtype=jnp.float32, spread=None
+    distribution: str,
+    key: jax.Array,
+    mask: jax.Array,
+    dtype: Any = jnp.float32,
+    spread: Any = None,
 ) -> jax.Array:
     """One draw of RLW's ``(T,)`` weights over the active tasks (``mask``), 0 on the others.
 
@@ -353,11 +357,11 @@ def rlw(
     if distribution == "random_normal":
         spread = jax.random.key_data(jax.random.fold_in(rng.wrap(seed_data), 1))
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         del T, shared
         return {"spread": None if spread is None else jnp.array(spread, copy=True)}
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         w = rlw_draw(distribution, ctx.key, ctx.mask, ctx.dtype, ctx.state.spread)
         return w, {}
 

@@ -17,7 +17,7 @@ from mtlopt._src.solvers import SolverInfo
 class MGDAState(NamedTuple):
     """State of :func:`mgda`. ``dual`` is the last min-norm weights (the warm start)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     dual: jax.Array | None
@@ -27,7 +27,7 @@ class MGDAState(NamedTuple):
 class CAGradState(NamedTuple):
     """State of :func:`cagrad`. ``dual`` is the last dual solution w* (the warm start)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     dual: jax.Array | None
@@ -131,7 +131,7 @@ def mgda(
     _check_solver_args(name, tol, max_iters)
     eps = checks.nonnegative(name, "eps", eps)
 
-    def scales(ctx: build.Context):
+    def scales(ctx: build.Context) -> jax.Array:
         # 1 / n_t, folded into the Gramian by the skeleton (G / (n n^T), in its pre-scaled
         # units, so huge or tiny norms cannot over- or underflow) and into the weights (w / n).
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(ctx.gram), 0.0)) * ctx.gram_scale
@@ -139,12 +139,12 @@ def mgda(
         if losses is not None:
             # A loss below 0 has no meaning as a scale: the step is skipped (NaN), not floored.
             losses = jnp.where(losses >= 0, losses, jnp.nan)
-        n = {"l2": norms, "loss": losses, "loss+": losses * norms if losses is not None else None}
-        n = jnp.maximum(n[normalization], eps)  # a NaN loss stays NaN: the step is then skipped
+        by = {"l2": norms, "loss": losses, "loss+": losses * norms if losses is not None else None}
+        n = jnp.maximum(by[normalization], eps)  # a NaN loss stays NaN: the step is then skipped
         n = jnp.where(n == 0, 1.0, n)  # eps == 0 and a zero norm: leave that gradient as it is
         return 1.0 / n
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         Gn = solvers.normalize(ctx.gram, ctx.mask)
         w, info = solvers.min_norm(Gn, _warm_start(ctx), ctx.mask, tol=tol, max_iters=max_iters)
         return w, _solver_extras(ctx, w, info)
@@ -181,7 +181,7 @@ def cagrad(
     rescale: int = 1,
     *,
     num_tasks: int | None = None,
-    g0_weights: Sequence[float] | None = None,
+    g0_weights: Sequence[float] | np.ndarray | jax.Array | None = None,
     tol: float = 1e-6,
     max_iters: int = 500,
     task_specific: Any = None,
@@ -271,7 +271,7 @@ def cagrad(
     # under optax.inject_hyperparams, solves; rho = 0 then gives the same weights).
     plain = checks.concrete(c) and float(np.asarray(c)) == 0.0
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         mask, dtype = ctx.mask, ctx.dtype
         cc = jnp.asarray(c).astype(dtype)
         r = jnp.asarray(rescale)

@@ -16,7 +16,7 @@ from mtlopt._src import build, checks, rng, solvers, tree
 class PCGradState(NamedTuple):
     """State of :func:`pcgrad`. ``key`` is raw PRNG key data (uint32), split every step."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     key: jax.Array
@@ -34,7 +34,7 @@ def pcgrad_weights(G: jax.Array, orders: jax.Array, mask: jax.Array) -> jax.Arra
     C0 = jnp.eye(T, dtype=G.dtype)
     rows = jnp.arange(T)
 
-    def body(p, C):
+    def body(p: jax.Array, C: jax.Array) -> jax.Array:
         j = orders[:, p]  # (T,) the task each i projects against at position p
         Gj = G[:, j].T  # (T, T): row i is the column G[:, j_i]
         dots = jnp.sum(C * Gj, axis=1)  # <g_i', g_{j_i}>
@@ -98,7 +98,7 @@ def pcgrad(
     name = "pcgrad"
     rng.key_data(name, seed)  # checked now
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         T = ctx.T
         others = jax.vmap(lambda k: jax.random.permutation(k, T))(jax.random.split(ctx.key, T))
         Gn = solvers.normalize(ctx.gram, ctx.mask)
@@ -124,7 +124,7 @@ class GradVacState(NamedTuple):
     i's altered gradient and task j's (``(T, T)``, ``(K, T, T)`` under ``groups=``); ``key`` is
     raw PRNG key data (uint32), split every step."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     targets: jax.Array
@@ -179,7 +179,9 @@ def gradvac_weights(
     targets = targets.astype(dtype)
     beta = jnp.asarray(beta, dtype)
 
-    def body(p, carry):
+    def body(
+        p: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         C, D, tgt = carry
         j = orders[:, p]  # (T,) the task each i meets at position p
         # Row i of `hot` picks task j_i (one-hot selects rather than gathers and a scatter:
@@ -317,14 +319,14 @@ def gradvac(
     beta = checks.nonnegative(name, "beta", beta, upper=1.0)
     checks.choice(name, "target_update", target_update, _TARGET_UPDATES)
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         leaves = jax.tree.leaves(shared)
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in leaves)) if leaves else jnp.float32
         # From the host: a new buffer every call (donation), and no eager XLA program per shape
         # (jnp.zeros and jnp.asarray compile one each).
         return {"targets": jax.device_put(np.zeros((T, T), dtype))}
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         T = ctx.T
         orders = jax.vmap(lambda k: jax.random.permutation(k, T))(jax.random.split(ctx.key, T))
         Gn = solvers.normalize(ctx.gram, ctx.mask)

@@ -51,7 +51,7 @@ class FAMOState(NamedTuple):
     loss of its last step (``last_losses``) with the value of ``count`` after that step
     (``loss_step``; -1 before any), the "before" side of the next logit update."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     logits: jax.Array
@@ -205,12 +205,12 @@ def famo(
     T0 = checks.positive_int(name, "num_tasks", num_tasks)
     lower = _min_losses(name, min_losses, T0) if T0 is not None else min_losses
 
-    def adam_l2(lr):
+    def adam_l2(lr: Any) -> optax.GradientTransformation:
         return optax.chain(optax.add_decayed_weights(gamma), optax.adam(lr))
 
     opt = learned.optimizer(name, w_lr, optimizer, default=adam_l2)
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         del shared
         logits, opt_state = learned.init(opt, jnp.zeros((T,), jnp.float32))
         return {
@@ -220,7 +220,7 @@ def famo(
             "loss_step": jnp.full((T,), -1, jnp.int32),
         }
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         s, dtype, mask = ctx.state, ctx.dtype, ctx.mask
         b = jnp.zeros((ctx.T,), dtype) if lower is None else jnp.asarray(lower, dtype)
         D = ctx.losses.astype(dtype) - b + _FAMO_EPS
@@ -274,7 +274,7 @@ class GradNormState(NamedTuple):
     optimizer's state; each task's initial loss ``L_t(0)`` (``initial_losses``) and how many of
     its losses went into it (``loss_steps``, at most ``max(warmup_steps, 1)``)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array
     learned: jax.Array
@@ -409,7 +409,7 @@ def gradnorm(
     opt = learned.optimizer(name, learning_rate, optimizer)
     softmax = parameterization == "softmax"
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         del shared
         value, opt_state = learned.init(opt, jnp.ones((T,), jnp.float32))
         return {
@@ -419,12 +419,12 @@ def gradnorm(
             "loss_steps": jnp.zeros((T,), jnp.int32),
         }
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         s, dtype, mask, T = ctx.state, ctx.dtype, ctx.mask, ctx.T
         losses = ctx.losses.astype(dtype)
         theta = s.learned.astype(dtype)
         everyone = jnp.ones((T,), bool)
-        z = _softmax(theta, everyone) if softmax else None
+        z: Any = _softmax(theta, everyone) if softmax else None
         w = T * z if softmax else theta  # this step's weights: before the learning
 
         # L_t(0): the mean of the task's first max(warmup_steps, 1) losses.

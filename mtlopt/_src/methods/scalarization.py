@@ -21,7 +21,7 @@ from mtlopt._src import build, checks, solvers, tree
 class MeanState(NamedTuple):
     """State of :func:`mean`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -29,7 +29,7 @@ class MeanState(NamedTuple):
 class LinearState(NamedTuple):
     """State of :func:`linear`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -63,7 +63,7 @@ def mean(
       {'w': Array([2., 1.], dtype=float32)}
     """
 
-    def weights_fn(ctx):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         return solvers.uniform(ctx.mask, ctx.dtype), {}
 
     return build.loss_weighting(
@@ -78,7 +78,7 @@ def mean(
 
 
 def linear(
-    weights: Sequence[float] | jax.Array,
+    weights: Sequence[float] | np.ndarray | jax.Array,
     *,
     num_tasks: int | None = None,
     task_specific: Any = None,
@@ -128,7 +128,7 @@ def linear(
     if num_tasks is not None and checks.concrete(num_tasks) and num_tasks != T:
         raise checks.fail(name, f"num_tasks={num_tasks} but {T} weights were given.")
 
-    def weights_fn(ctx):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         return jnp.asarray(weights).astype(ctx.dtype), {}
 
     return build.loss_weighting(
@@ -151,7 +151,7 @@ def linear(
 class GLSState(NamedTuple):
     """State of :func:`gls`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -162,7 +162,7 @@ class STCHState(NamedTuple):
     the finished epochs and the steps of the current one (epoch form). Fields that the chosen
     form does not need are None."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     nadir: jax.Array | None
@@ -174,7 +174,7 @@ class STCHState(NamedTuple):
 class COSMOSState(NamedTuple):
     """State of :func:`cosmos`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -182,7 +182,7 @@ class COSMOSState(NamedTuple):
 class PBIState(NamedTuple):
     """State of :func:`pbi`."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
 
@@ -198,7 +198,9 @@ def _preference_signal(required: bool, T: int | None) -> build.Signal:
     return build.Signal("preference", "task_vector", required=required, why=why)
 
 
-def _check_preference(name: str, value: Any, num_tasks: int | None, *, arg="preference"):
+def _check_preference(
+    name: str, value: Any, num_tasks: int | None, *, arg: str = "preference"
+) -> tuple[int | None, Any]:
     """A constructor's preference: None, or ``(T,)`` finite weights >= 0, not all 0 (checked
     when concrete). Returns ``(T or num_tasks, the vector)``."""
     if value is None:
@@ -209,7 +211,9 @@ def _check_preference(name: str, value: Any, num_tasks: int | None, *, arg="pref
     return T, value
 
 
-def _check_point(name: str, arg: str, value: Any, T: int | None, *, positive: bool = False):
+def _check_point(
+    name: str, arg: str, value: Any, T: int | None, *, positive: bool = False
+) -> tuple[int | None, Any]:
     """A constructor's ``(T,)`` point (a reference or a nadir): finite (and > 0), checked when
     concrete; returns ``(T, the vector)``."""
     if value is None:
@@ -342,7 +346,7 @@ def gls(
     """
     name = "gls"
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         l, ok = _positive_losses(ctx)
         n = jnp.maximum(jnp.sum(ctx.mask), 1).astype(ctx.dtype)
         # Logs relative to the largest loss: equal losses give exactly 1/n.
@@ -563,7 +567,7 @@ def stch(
             "give nadir=.",
         )
 
-    def init_extra(T, shared):
+    def init_extra(T: int | None, shared: Any) -> dict:
         dtype = tree.acc_dtype(*(jnp.result_type(x) for x in jax.tree.leaves(shared)))
         out = dict.fromkeys(("nadir", "nadir_count", "epochs", "epoch_steps"))
         if measured:
@@ -574,8 +578,9 @@ def stch(
             out["epoch_steps"] = jnp.zeros((), jnp.int32)
         return out
 
-    def phase(ctx: build.Context):
+    def phase(ctx: build.Context) -> tuple[jax.Array, jax.Array, dict]:
         """``(in the warm-up, the step counts into the nadir, state fields)``."""
+        extras: dict
         s, extras = ctx.state, {}
         if epochs_form:
             flag = ctx.signals["new_epoch"]
@@ -591,7 +596,7 @@ def stch(
         M = W if nadir_steps is None else jnp.asarray(nadir_steps).astype(jnp.int32)
         return warm, warm & (s.count >= W - M), extras
 
-    def log_weights(ctx: build.Context):
+    def log_weights(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype, mask = ctx.dtype, ctx.mask
         l, ok = _positive_losses(ctx)
         warm, counts, extras = phase(ctx) if (by_steps or epochs_form) else (False, False, {})
@@ -614,7 +619,7 @@ def stch(
         w = jnp.where(warm, 1.0 / l, (soft / l) * (n * lam))
         return _bad_unless(ok, jnp.where(mask, w, 0.0)), extras
 
-    def raw_weights(ctx: build.Context):
+    def raw_weights(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype, mask = ctx.dtype, ctx.mask
         l = jnp.where(mask, ctx.losses.astype(dtype), 0.0)
         if reference is not None:
@@ -719,7 +724,7 @@ def cosmos(
     mu = checks.nonnegative(name, "mu", mu)
     T = checks.positive_int(name, "num_tasks", T)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype, mask = ctx.dtype, ctx.mask
         r = _pref(ctx, preference, "ones")
         l = jnp.where(mask, ctx.losses.astype(dtype), 0.0)
@@ -825,7 +830,7 @@ def pbi(
     theta = checks.nonnegative(name, "theta", theta)
     T = checks.positive_int(name, "num_tasks", T)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         dtype, mask = ctx.dtype, ctx.mask
         f = ctx.losses.astype(dtype)
         if reference is not None:

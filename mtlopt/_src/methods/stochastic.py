@@ -32,6 +32,7 @@ slightly dependent.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +56,7 @@ class SDMGradState(NamedTuple):
     """State of :func:`sdmgrad`. ``inner`` is the inner variable ``w`` (on the simplex), warm
     start of the next step's inner loop."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     inner: jax.Array
@@ -64,7 +65,7 @@ class SDMGradState(NamedTuple):
 class MoDoState(NamedTuple):
     """State of :func:`modo`. ``lam`` is the paper's ``lambda`` (on the simplex)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     lam: jax.Array
@@ -79,8 +80,8 @@ def _require_num_tasks(name: str, num_tasks: Any) -> None:
         )
 
 
-def _simplex_state(field: str):
-    def init_extra(T, shared):
+def _simplex_state(field: str) -> Callable[[int, Any], dict]:
+    def init_extra(T: int, shared: Any) -> dict:
         dtype = tree.acc_dtype(*(x.dtype for x in jax.tree.leaves(shared)))
         return {field: jnp.full((T,), 1.0 / T, dtype)}
 
@@ -121,7 +122,7 @@ def sdmgrad_weights(
     w = solvers.project(w0.astype(dtype), mask)
     shift = lamda * jnp.dot(An, pref, precision=HIGHEST)
 
-    def body(_, carry):
+    def body(_: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         w, v = carry
         g = jnp.dot(An, w, precision=HIGHEST) + shift
         v = momentum * v + g  # (v = g on the first iteration, as torch's SGD buffer)
@@ -234,7 +235,7 @@ def sdmgrad(
     if checks.concrete(momentum) and float(momentum) >= 1.0:
         raise checks.fail(name, f"momentum must be a finite number in [0, 1); got {momentum!r}.")
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         w, inner = sdmgrad_weights(ctx.gram, ctx.state.inner, ctx.mask, lamda, niter, lr, momentum)
         return w, {"inner": jnp.where(ctx.mask, inner, ctx.state.inner.astype(inner.dtype))}
 
@@ -374,7 +375,7 @@ def modo(
     if not isinstance(normalize, bool):
         raise checks.fail(name, f"normalize must be a bool; got {normalize!r}.")
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         lam = modo_weights(ctx.gram, ctx.gram_scale, ctx.state.lam, ctx.mask, gamma, rho, normalize)
         return lam, {"lam": jnp.where(ctx.mask, lam, ctx.state.lam.astype(lam.dtype))}
 

@@ -24,7 +24,7 @@ class MoCoState(NamedTuple):
     params-shaped tree of ``(T, *leaf_shape)`` arrays (``None`` at task-specific leaves);
     ``lam`` the weights ``lambda`` on the simplex, carried from step to step."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     tracked: Any
@@ -190,7 +190,7 @@ def moco(
     checks.choice(name, "projection", projection, ("simplex", "softmax"))
     by_loss = normalization == "loss"
 
-    def init_extra(T, shared):
+    def init_extra(T: int, shared: Any) -> dict:
         if shared is None:
             raise checks.fail(
                 name, "init needs the params: the tracked gradients are shaped like them."
@@ -201,7 +201,7 @@ def moco(
             "lam": jnp.full((T,), 1.0 / T, dtype),
         }
 
-    def prepare(shared, ctx: build.Context):
+    def prepare(shared: list, ctx: build.Context) -> build.Prepared:
         dtype, T = ctx.dtype, ctx.T
         k = (ctx.state.count + 1).astype(dtype)
         beta_k = (beta / k**beta_sigma).astype(dtype)
@@ -223,9 +223,10 @@ def moco(
         scales = jax.lax.stop_gradient(jnp.where(ctx.mask, scales, 0.0))
         ok &= jnp.all(jnp.isfinite(scales))
         keep = ctx.mask & ok
+        treedef: Any  # (jax's PyTreeDef does not resolve for mypy)
         old_leaves, treedef = jax.tree.flatten(ctx.state.tracked)
 
-        def leaf(g, old):
+        def leaf(g: jax.Array, old: jax.Array) -> jax.Array:
             rows = (-1,) + (1,) * (g.ndim - 1)
             h = g.astype(dtype) * scales.reshape(rows)
             new = tree.saturate(old.astype(dtype) - beta_k * (old.astype(dtype) - h), old.dtype)
@@ -234,7 +235,7 @@ def moco(
         ys = [leaf(g, old) for g, old in zip(shared, old_leaves, strict=True)]
         return build.Prepared(ys, {"tracked": treedef.unflatten(ys)}, ok)
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         k = (ctx.state.count + 1).astype(ctx.dtype)
         gamma_k = gamma / k**gamma_sigma
         lam = moco_step(ctx.state.lam, ctx.gram, ctx.gram_scale, ctx.mask, gamma_k, rho, projection)
@@ -268,7 +269,7 @@ class ExcessMTLState(NamedTuple):
     ``excess`` the last excess-risk estimates; ``baseline`` and ``samples`` the sum and number
     of the estimates each task's normalisation divides by."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count)
     skipped: jax.Array
     weights: jax.Array | None
     sq_sum: Any
@@ -419,7 +420,7 @@ def excess_mtl(
     warmup_steps = checks.count(name, "warmup_steps", warmup_steps)
     checks.choice(name, "reduction", reduction, ("mean", "sum"))
 
-    def init_extra(T, shared):
+    def init_extra(T: int, shared: Any) -> dict:
         if shared is None:
             raise checks.fail(
                 name, "init needs the params: the second moments are shaped like them."
@@ -433,7 +434,7 @@ def excess_mtl(
             "samples": jnp.zeros((T,), jnp.int32),
         }
 
-    def prepare(shared, ctx: build.Context):
+    def prepare(shared: list, ctx: build.Context) -> build.Prepared:
         dtype = ctx.dtype
         if ctx.scales is not None:  # a task transform in front: its scaled grads
             shared = [
@@ -444,6 +445,7 @@ def excess_mtl(
         # that autodiff left in a transposed layout is laid out row-major once for all of them
         # (read as it came, the reduction below made a T x P copy of its own).
         mats = [tree.as_matrix(g) for g in shared]
+        treedef: Any  # (jax's PyTreeDef does not resolve for mypy)
         old_leaves, treedef = jax.tree.flatten(ctx.state.sq_sum)
         olds = [tree.as_matrix(o) for o in old_leaves]
         # The estimates first, from the old sums: e_t = sum g^2 / sqrt(S + g^2 + eps), as
@@ -469,7 +471,7 @@ def excess_mtl(
             shared, {"sq_sum": treedef.unflatten(new_leaves), "excess": e_sum}, ok
         )
 
-    def weights_fn(ctx: build.Context):
+    def weights_fn(ctx: build.Context) -> tuple[jax.Array, dict]:
         st = ctx.state
         warm = st.count < jnp.asarray(warmup_steps, st.count.dtype)
         alpha, baseline, samples = excess_weights(
