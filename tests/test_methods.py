@@ -132,29 +132,53 @@ def _cagrad_primal(J, c, b=None):
     return res.x[:P]
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
-def test_cagrad_matches_primal_solve(seed, c):
-    J = _rng(seed).normal(size=(3, 6))
-    J[1] = -0.8 * J[0] + 0.4 * J[1]
-    d_ref = _cagrad_primal(J, c)
-    u, s = _update(mtlopt.cagrad(c=c, rescale=0, num_tasks=3), J)
-    np.testing.assert_allclose(u, d_ref, rtol=2e-3, atol=2e-3 * np.linalg.norm(d_ref))
-    # The worst task's improvement matches the primal optimum's.
-    assert np.min(J @ np.asarray(u)) == pytest.approx(np.min(J @ d_ref), rel=1e-3, abs=1e-5)
-    assert bool(s.solver.converged)
+def test_cagrad_matches_primal_solve():
+    # Twelve problems (4 seeds x 3 values of c) in one vmapped program, c traced.
+    cases = [(seed, c) for seed in range(4) for c in (0.2, 0.5, 0.9)]
+    Js = []
+    for seed, _ in cases:
+        J = _rng(seed).normal(size=(3, 6))
+        J[1] = -0.8 * J[0] + 0.4 * J[1]
+        Js.append(J)
+
+    def one(J, c):
+        tx = mtlopt.cagrad(c=c, rescale=0, num_tasks=3)
+        u, s = tx.update(J, tx.init(J[0]))
+        return u, s.solver.converged
+
+    us, converged = jax.jit(jax.vmap(one))(
+        jnp.asarray(np.stack(Js), jnp.float32), jnp.asarray([c for _, c in cases], jnp.float32)
+    )
+    for i, (J, (seed, c)) in enumerate(zip(Js, cases, strict=True)):
+        d_ref = _cagrad_primal(J, c)
+        u = np.asarray(us[i])
+        err = f"seed {seed}, c {c}"
+        np.testing.assert_allclose(
+            u, d_ref, rtol=2e-3, atol=2e-3 * np.linalg.norm(d_ref), err_msg=err
+        )
+        # The worst task's improvement matches the primal optimum's.
+        assert np.min(J @ u) == pytest.approx(np.min(J @ d_ref), rel=1e-3, abs=1e-5), err
+        assert bool(converged[i]), err
 
 
-@pytest.mark.parametrize("rescale,div", [(0, 1.0), (1, 1.25), (2, 1.5)])
-def test_cagrad_rescale_and_ball(rescale, div):
-    J = _rng(5).normal(size=(4, 8))
+def test_cagrad_rescale_and_ball():
+    J = jnp.asarray(_rng(5).normal(size=(4, 8)), jnp.float32)
     c = 0.5
-    u0, _ = _update(mtlopt.cagrad(c=c, rescale=0), J)
-    u, _ = _update(mtlopt.cagrad(c=c, rescale=rescale), J)
-    np.testing.assert_allclose(np.asarray(u) * div, u0, rtol=1e-5, atol=1e-6)
-    g0 = J.mean(0)
+
+    @jax.jit  # the three rescalings in one program
+    def all_rescales(J):
+        out = []
+        for rescale in (0, 1, 2):
+            tx = mtlopt.cagrad(c=c, rescale=rescale)
+            out.append(tx.update(J, tx.init(J[0]))[0])
+        return out
+
+    u0, u1, u2 = (np.asarray(u) for u in all_rescales(J))
+    for u, div in ((u0, 1.0), (u1, 1.25), (u2, 1.5)):
+        np.testing.assert_allclose(u * div, u0, rtol=1e-5, atol=1e-6)
+    g0 = np.asarray(J).mean(0)
     # The correction term has norm exactly c ||g0|| away from stationarity.
-    assert np.linalg.norm(np.asarray(u0) - g0) == pytest.approx(c * np.linalg.norm(g0), rel=1e-4)
+    assert np.linalg.norm(u0 - g0) == pytest.approx(c * np.linalg.norm(g0), rel=1e-4)
 
 
 def test_cagrad_c0_is_the_mean():
