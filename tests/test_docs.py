@@ -1,6 +1,6 @@
 """Docs that run: every ```python block of README.md and of the documentation site's pages
-(docs/; those marked slow), every docstring example, and the README's and the site's
-completeness."""
+(docs/), every docstring example (the pages' blocks and the docstrings marked slow: .ci/run's
+docs step), and the README's and the site's completeness."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def test_page_block_runs(code):
     _run(code, PAGE_BLOCKS[code])
 
 
+# Every module's docstring examples, as doctests (700 small eager programs, ~25 s): with the
+# pages' blocks in the docs step of .ci/run, beside the site whose reference pages show them.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)

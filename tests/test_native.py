@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from registry import AGGREGATORS, heavy
+from registry import AGGREGATORS, skeleton
 
 import mtlopt
 from mtlopt._src import native
@@ -139,9 +139,10 @@ CASES = ("normal", "huge", "nan")
 
 
 @needs_kernel
-# Every method; a second setting of a method (Row.variant) only with -m slow: the kernel computes
-# the Gramian and the combination, which a variant reads as its method does.
-@pytest.mark.parametrize("row", heavy(AGGREGATORS))
+# A skeleton-only test: the kernel computes the Gramian and the combination of the skeleton's
+# passes, which every method reads alike. The representative rows (one per skeleton path) by
+# default, every aggregator with -m slow (.ci/run's slow step runs them all).
+@pytest.mark.parametrize("row", skeleton(AGGREGATORS))
 def test_every_method_agrees_with_and_without_the_kernel(row, monkeypatch):
     # A leaf past the one-dot limit takes the kernel. "huge" rows overflow float32 products and
     # take the rescaled pass (the kernel's scale argument); "nan" must skip the step. The three
