@@ -338,7 +338,6 @@ def _pass_one(
     over the groups that need it: a layer of tiny gradients beside a layer of normal ones keeps
     its own Gramian).
     """
-    one = jnp.ones((), dtype)
     K = len(groups)
     shape = (T, T) if kind == "full" else (T,)
 
@@ -355,11 +354,27 @@ def _pass_one(
     diag = jnp.diagonal(gram, axis1=-2, axis2=-1) if kind == "full" else gram
     top = jnp.max(diag, axis=-1)  # (K,)
     fast = jnp.isfinite(top) & (top >= _TINY_GRAM)
+    flats = [[m for m in mats if m.shape[1] > 0] for mats in groups]
+    return _prescaled(gram, fast, flats, lambda k, inv: fn(groups[k], inv), dtype)
+
+
+def _prescaled(
+    gram: jax.Array,
+    fast: jax.Array,
+    flats: list[list[jax.Array]],
+    again: Callable[[int, jax.Array], jax.Array],
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Pass 1's fallback, shared by :func:`_pass_one` and :func:`_cross_pass`: ``(gram,
+    scales)`` where every group's result ``gram[k]`` is ``fast``; otherwise, for each group that
+    is not, the pass again (``again(k, inv)``) over its inputs (``flats[k]``, the non-empty
+    matrices) divided by a power of two near their largest entry, and that power as its scale
+    (the true result is ``gram[k] * scale[k]**2``)."""
+    one = jnp.ones((), dtype)
 
     def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
         grams, scales = [], []
-        for k, mats in enumerate(groups):
-            flat = [m for m in mats if m.shape[1] > 0]
+        for k, flat in enumerate(flats):
             if not flat:
                 grams.append(gram[k])
                 scales.append(one)
@@ -368,12 +383,12 @@ def _pass_one(
             big = tree.max_abs(flat).astype(dtype)
             ok = jnp.isfinite(big)
             e = jnp.ceil(jnp.log2(jnp.where(ok & (big > 0), big, 1.0)))
-            scale = tree.pow2(e, dtype)
             inv = jnp.where(ok, tree.pow2(-e, dtype), jnp.nan)
-            grams.append(jnp.where(fast[k], gram[k], fn(mats, inv)))
-            scales.append(jnp.where(fast[k], one, jnp.where(ok, scale, one)))
+            grams.append(jnp.where(fast[k], gram[k], again(k, inv)))
+            scales.append(jnp.where(fast[k] | ~ok, one, tree.pow2(e, dtype)))
         return jnp.stack(grams), jnp.stack(scales)
 
+    ones = jnp.ones((len(flats),), dtype)
     return lax.cond(jnp.all(fast), lambda _: (gram, ones), rescaled, None)
 
 
@@ -422,29 +437,14 @@ def _cross_pass(groups: list, seconds: list, T: int, dtype: Any) -> tuple[jax.Ar
         return cast(jax.Array, sum(_cross_leaf(a, b, inv, dtype) for a, b in pairs)).astype(dtype)
 
     gram = jnp.stack([fn(m, o) for m, o in zip(groups, seconds, strict=True)])
-    one = jnp.ones((), dtype)
     top = jnp.max(jnp.abs(gram), axis=(-2, -1))
     fast = jnp.all(jnp.isfinite(gram), axis=(-2, -1)) & (top >= _TINY_GRAM)
-
-    def rescaled(_: None) -> tuple[jax.Array, jax.Array]:
-        grams, scales = [], []
-        for k, (mats, others) in enumerate(zip(groups, seconds, strict=True)):
-            flat = [m for m in mats + others if m.shape[1] > 0]
-            if not flat:
-                grams.append(gram[k])
-                scales.append(one)
-                continue
-            big = tree.max_abs(flat).astype(dtype)
-            ok = jnp.isfinite(big)
-            e = jnp.ceil(jnp.log2(jnp.where(ok & (big > 0), big, 1.0)))
-            inv = jnp.where(ok, tree.pow2(-e, dtype), jnp.nan)
-            grams.append(jnp.where(fast[k], gram[k], fn(mats, others, inv)))
-            scales.append(jnp.where(fast[k] | ~ok, one, tree.pow2(e, dtype)))
-        return jnp.stack(grams), jnp.stack(scales)
-
-    return lax.cond(
-        jnp.all(fast), lambda _: (gram, jnp.ones((len(groups),), dtype)), rescaled, None
-    )
+    # One power of two for both samples: the true A is gram * s**2 = (J / s)(J2 / s)^T s**2.
+    flats = [
+        [m for m in mats + others if m.shape[1] > 0]
+        for mats, others in zip(groups, seconds, strict=True)
+    ]
+    return _prescaled(gram, fast, flats, lambda k, inv: fn(groups[k], seconds[k], inv), dtype)
 
 
 def _fold(
