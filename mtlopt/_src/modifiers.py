@@ -58,11 +58,9 @@ def _method_state(inner_state: Any) -> Any:
 
 def _stored_weights(name: str, inner_state: Any) -> jax.Array:
     """The weights array of the aggregator inside a (chained, wrapped) state."""
-    for node in inspect.nodes(inner_state):
-        if isinstance(node, tuple) and hasattr(node, "_fields") and "weights" in node._fields:
-            w = inspect._unwrap(node.weights)  # type: ignore[attr-defined]
-            if w is not None:
-                return w
+    w = inspect.task_weights(inner_state)  # (the same search as the public function's)
+    if w is not None:
+        return w
     raise checks.fail(
         name,
         "num_tasks is required: the wrapped transformation keeps no weights; wrap an mtlopt "
